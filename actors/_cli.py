@@ -1,0 +1,177 @@
+"""The ``spmchain`` command: ``loadtest``, ``spm serve``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
+    return value
+
+
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be within [0, 1], got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def parse_duration_ms(text: str) -> Any:
+    """``--task-ms``: ``50`` (fixed), ``uniform:10:90``, ``exponential:50``, ``normal:50:10``.
+
+    Returns milliseconds as a float for a fixed duration, or the simulator's duration spec (in
+    seconds) for a distribution.
+    """
+    parts = text.split(":")
+    try:
+        nums = [float(p) for p in parts[1:]] if len(parts) > 1 else [float(parts[0])]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--task-ms {text!r}: expected N, uniform:LO:HI, exponential:MEAN or normal:MEAN:SD "
+            "(milliseconds)"
+        ) from None
+    if any(n < 0 for n in nums):
+        raise argparse.ArgumentTypeError(f"--task-ms {text!r}: durations must not be negative")
+    if len(parts) == 1:
+        return nums[0]
+    kind = parts[0]
+    arity = {"uniform": 2, "exponential": 1, "normal": 2}
+    if kind not in arity or len(nums) != arity[kind]:
+        raise argparse.ArgumentTypeError(
+            f"--task-ms {text!r}: expected uniform:LO:HI, exponential:MEAN or normal:MEAN:SD"
+        )
+    if kind == "uniform" and nums[0] > nums[1]:
+        raise argparse.ArgumentTypeError(f"--task-ms {text!r}: LO is above HI")
+    return (kind, *[n / 1000.0 for n in nums])
+
+
+def _add_loadtest(sub: Any) -> None:
+    p = sub.add_parser(
+        "loadtest",
+        help="run many concurrent chains against simulated SPMs and report",
+        description="Run CHAINS concurrent chains of STEPS steps each over POOLS simulated SPMs "
+                    "(or the SPM at --spm) and report throughput, failures and what the storage "
+                    "ledger shows (duplicated and leftover effects).",
+    )
+    p.add_argument("--chains", type=_count, default=1000, help="chains to run (default 1000)")
+    p.add_argument("--steps", type=_positive_int, default=5, help="steps a chain (default 5)")
+    p.add_argument("--pools", type=_positive_int, default=4, help="storage pools (default 4)")
+    p.add_argument("--task-ms", type=parse_duration_ms, default=0.0,
+                   help="task duration on the simulated SPM in ms: N, uniform:LO:HI, "
+                        "exponential:MEAN, normal:MEAN:SD (default 0)")
+    p.add_argument("--fail-rate", type=_rate, default=0.0,
+                   help="fraction of step tasks that fail on the SPM (default 0)")
+    p.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
+    p.add_argument("--spm-workers", type=_positive_int, default=10,
+                   help="the simulated SPM's task workers per pool (default 10, as VDSM)")
+    p.add_argument("--spm-queue", type=_positive_int, default=500,
+                   help="the simulated SPM's task queue per pool (default 500, as VDSM)")
+    p.add_argument("--max-outstanding", type=_positive_int, default=100,
+                   help="tasks fired and not yet finished per pool (default 100)")
+    p.add_argument("--poll-min-ms", type=_positive_float, default=20.0,
+                   help="shortest poll interval, right after activity (default 20)")
+    p.add_argument("--poll-max-ms", type=_positive_float, default=1000.0,
+                   help="longest poll interval, when nothing changes (default 1000)")
+    p.add_argument("--command-workers", type=_positive_int, default=2,
+                   help="threads running the CommandActors (default 2)")
+    p.add_argument("--spm", metavar="URL", default=None,
+                   help="use the SPM at stomp://HOST:PORT or stomp+tls://HOST:PORT instead of "
+                        "in-process simulators")
+    p.add_argument("--timeout", type=_positive_float, default=600.0,
+                   help="give up after this many seconds (default 600)")
+    p.add_argument("--json", metavar="FILE", default=None, help="write the report as JSON")
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spmchain",
+        description="Serial execution of asynchronous SPM tasks: run chains of storage tasks "
+                    "on each pool's SPM.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_loadtest(sub)
+    spm = sub.add_parser("spm", help="the simulated SPM")
+    spm_sub = spm.add_subparsers(dest="spm_command", metavar="SPM_COMMAND", required=True)
+    serve = spm_sub.add_parser(
+        "serve", help="serve simulated SPMs over VDSM's STOMP/JSON-RPC protocol",
+        add_help=False,
+    )
+    serve.add_argument("rest", nargs=argparse.REMAINDER)
+    return parser
+
+
+def _loadtest(args: argparse.Namespace) -> int:
+    from actors._loadtest import LoadtestConfig, run_loadtest, summary_table, write_json
+
+    cfg = LoadtestConfig(
+        chains=args.chains, steps=args.steps, pools=args.pools, task_ms=args.task_ms,
+        fail_rate=args.fail_rate, seed=args.seed, spm_workers=args.spm_workers,
+        spm_queue=args.spm_queue, max_outstanding=args.max_outstanding,
+        poll_min_ms=args.poll_min_ms, poll_max_ms=args.poll_max_ms,
+        command_workers=args.command_workers, timeout_s=args.timeout, spm_url=args.spm,
+    )
+    report = run_loadtest(cfg)
+    print(summary_table(report))
+    if args.json:
+        write_json(report, args.json)
+        print(f"report written to {args.json}")
+    ok = (
+        report["not_ended"] == 0
+        and report["duplicated_effects"] in (0, None)
+        and report["leftover_effects"] in (0, None)
+    )
+    return 0 if ok else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["spm", "serve"]:
+        from spm._serve import serve_main
+
+        return serve_main(argv[2:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.INFO if getattr(args, "verbose", False) else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "loadtest":
+        return _loadtest(args)
+    parser.error(f"unknown command {args.command!r}")
+    return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,308 @@
+"""``spmchain loadtest``: many concurrent chains against simulated (or served) SPMs.
+
+The workload: each chain builds a snapshot chain of volumes in an image of its own — step k is
+``createVolume`` of volume k (on top of volume k-1), reverted by ``deleteVolume`` — on the pool
+``chain_index % pools``. At the end the simulated storage (the ledger) is checked: effects
+applied twice (``duplicated_effects``) and objects left behind by chains that ended with failure
+(``leftover_effects``) must both be 0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import resource
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from actors._runtime import ChainResult, Runtime, RuntimeOptions
+from actors._spec import ChainSpec, StepSpec
+from spm._client import SpmClient
+
+
+@dataclass(slots=True)
+class LoadtestConfig:
+    chains: int = 1000
+    steps: int = 5
+    pools: int = 4
+    task_ms: Any = 0.0          # a float, or a duration spec tuple for the simulator
+    fail_rate: float = 0.0
+    seed: int = 1
+    spm_workers: int = 10
+    spm_queue: int = 500
+    max_outstanding: int = 100
+    poll_min_ms: float = 20.0
+    poll_max_ms: float = 1000.0
+    command_workers: int = 2
+    timeout_s: float = 600.0
+    spm_url: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def _uuid(rng: random.Random) -> str:
+    return str(uuid.UUID(int=rng.getrandbits(128), version=4))
+
+
+def pool_ids(n: int, seed: int) -> list[str]:
+    rng = random.Random(f"pools-{seed}")
+    return [_uuid(rng) for _ in range(n)]
+
+
+def chain_spec(index: int, pool: str, steps: int, rng: random.Random) -> ChainSpec:
+    """The loadtest's chain number ``index``: ``steps`` createVolume steps in a new image."""
+    sd = _uuid(rng)
+    img = _uuid(rng)
+    resource_name = f"image:{sd}/{img}"
+    specs: list[StepSpec] = []
+    prev: str | None = None
+    for _k in range(steps):
+        vol = _uuid(rng)
+        params: dict[str, Any] = {
+            "sdUUID": sd, "spUUID": pool, "imgUUID": img, "volUUID": vol,
+            "size": 1 << 30,
+        }
+        if prev is not None:
+            params["srcImgUUID"] = img
+            params["srcVolUUID"] = prev
+        specs.append(StepSpec(
+            verb="createVolume",
+            params=params,
+            revert_verb="deleteVolume",
+            revert_params={"sdUUID": sd, "spUUID": pool, "imgUUID": img, "volUUID": vol},
+            exclusive=(resource_name,),
+        ))
+        prev = vol
+    return ChainSpec(pool=pool, command_type="loadtest_volume_chain",
+                     params={"index": index, "sdUUID": sd, "imgUUID": img}, steps=specs,
+                     chain_id=f"lt-{index:07d}")
+
+
+def peak_rss_mib() -> float:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 1024.0 if sys.platform != "darwin" else rss / (1024.0 * 1024.0)
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "platform": platform.platform(),
+    }
+
+
+class _Progress:
+    """A live line on a terminal, plain periodic lines otherwise."""
+
+    def __init__(self, total: int, out: TextIO, every_s: float) -> None:
+        self.total = total
+        self.out = out
+        self.tty = out.isatty()
+        self.every_s = 0.2 if self.tty else every_s
+        self.t0 = time.monotonic()
+
+    def show(self, done: int, failed: int, steps: int, final: bool = False) -> None:
+        el = max(time.monotonic() - self.t0, 1e-9)
+        rate = steps / el
+        if self.tty:
+            width = 30
+            filled = int(width * done / max(self.total, 1))
+            bar = "#" * filled + "-" * (width - filled)
+            self.out.write(f"\r[{bar}] {done}/{self.total} chains  {rate:,.0f} steps/s  "
+                           f"{failed} failed  {el:5.1f}s")
+            if final:
+                self.out.write("\n")
+        else:
+            self.out.write(f"loadtest: {done}/{self.total} chains ended, {rate:,.0f} steps/s, "
+                           f"{failed} failed, {el:.1f}s\n")
+        self.out.flush()
+
+
+def build_spms(cfg: LoadtestConfig, pools: Sequence[str]) -> dict[str, SpmClient]:
+    if cfg.spm_url:
+        from spm._stomp_client import client_for_url
+
+        return {p: client_for_url(cfg.spm_url, p) for p in pools}
+    from spm._simulator import SimulatedSpm
+
+    durations = cfg.task_ms
+    if isinstance(durations, int | float):
+        durations = durations / 1000.0
+    failure_rates = {"createVolume": cfg.fail_rate} if cfg.fail_rate else 0.0
+    return {
+        p: SimulatedSpm(p, workers=cfg.spm_workers, queue_size=cfg.spm_queue,
+                        durations=durations, failure_rates=failure_rates,
+                        seed=cfg.seed * 1000 + i)
+        for i, p in enumerate(pools)
+    }
+
+
+def run_loadtest(
+    cfg: LoadtestConfig,
+    out: TextIO | None = None,
+    progress_every_s: float = 2.0,
+    on_runtime: Callable[[Runtime], None] | None = None,
+) -> dict[str, Any]:
+    """Run the load test and return its report (what ``--json`` writes)."""
+    out = out or sys.stdout
+    pools = pool_ids(cfg.pools, cfg.seed)
+    spms = build_spms(cfg, pools)
+    options = RuntimeOptions(
+        max_outstanding=cfg.max_outstanding,
+        poll_min_s=cfg.poll_min_ms / 1000.0,
+        poll_max_s=cfg.poll_max_ms / 1000.0,
+        command_workers=cfg.command_workers,
+        **cfg.options,
+    )
+    rng = random.Random(cfg.seed)
+    specs = [chain_spec(i, pools[i % len(pools)], cfg.steps, rng) for i in range(cfg.chains)]
+    lock = threading.Lock()
+    all_done = threading.Event()
+    counts = {"ok": 0, "failed": 0}
+    failed_chains: list[ChainSpec] = []
+    reasons: dict[str, int] = {}
+    by_id = {s.chain_id: s for s in specs}
+
+    def on_end(result: ChainResult) -> None:
+        with lock:
+            if result.succeeded:
+                counts["ok"] += 1
+            else:
+                counts["failed"] += 1
+                failed_chains.append(by_id[result.chain_id])
+                key = (result.reason or "").split(":")[0]
+                reasons[key] = reasons.get(key, 0) + 1
+            if counts["ok"] + counts["failed"] == cfg.chains:
+                all_done.set()
+
+    progress = _Progress(cfg.chains, out, progress_every_s)
+    rt = Runtime(spms, options)
+    rt.add_done_callback(on_end)
+    steps_before = _steps_fired(rt)
+    t0 = time.perf_counter()
+    timed_out = False
+    with rt:
+        if on_runtime is not None:
+            on_runtime(rt)
+        for spec in specs:
+            rt.submit(spec)
+        if cfg.chains == 0:
+            all_done.set()
+        deadline = time.monotonic() + cfg.timeout_s
+        while not all_done.wait(progress.every_s):
+            progress.show(counts["ok"] + counts["failed"], counts["failed"],
+                          _steps_fired(rt) - steps_before)
+            if time.monotonic() > deadline:
+                timed_out = True
+                break
+        wall = time.perf_counter() - t0
+        steps = _steps_fired(rt) - steps_before
+        progress.show(counts["ok"] + counts["failed"], counts["failed"], steps, final=True)
+        live = len(rt.chains())
+    report: dict[str, Any] = {
+        "chains": cfg.chains,
+        "steps": cfg.steps,
+        "pools": cfg.pools,
+        "ended_successfully": counts["ok"],
+        "ended_with_failure": counts["failed"],
+        "not_ended": cfg.chains - counts["ok"] - counts["failed"],
+        "timed_out": timed_out,
+        "steps_fired": steps,
+        "reverts_fired": _reverts_fired(rt),
+        "wall_s": round(wall, 3),
+        "steps_per_s": round(steps / wall, 1) if wall > 0 else 0.0,
+        "peak_rss_mib": round(peak_rss_mib(), 1),
+        "failure_reasons": reasons,
+        "live_chains_at_end": live,
+        "machine": machine(),
+        "config": {
+            "task_ms": cfg.task_ms, "fail_rate": cfg.fail_rate, "seed": cfg.seed,
+            "spm_workers": cfg.spm_workers, "max_outstanding": cfg.max_outstanding,
+            "poll_min_ms": cfg.poll_min_ms, "poll_max_ms": cfg.poll_max_ms,
+            "spm": cfg.spm_url or "in-process simulator",
+        },
+    }
+    report.update(check_ledgers(spms, failed_chains))
+    for client in spms.values():
+        client.close()
+    return report
+
+
+def _counter_total(rt: Runtime, name: str) -> int:
+    """The sum over labels of counter ``name`` (without ``_total``) in the runtime's registry."""
+    total = 0.0
+    for family in rt.metrics.registry.collect():
+        if family.name == name:
+            total += sum(s.value for s in family.samples if s.name == f"{name}_total")
+    return int(total)
+
+
+def _steps_fired(rt: Runtime) -> int:
+    return _counter_total(rt, "spmchain_steps_fired")
+
+
+def _reverts_fired(rt: Runtime) -> int:
+    return _counter_total(rt, "spmchain_reverts_fired")
+
+
+def check_ledgers(spms: Mapping[str, SpmClient], failed: Sequence[ChainSpec]) -> dict[str, Any]:
+    """Effects applied twice, and objects left by chains that ended with failure."""
+    duplicated = 0
+    objects: list[Any] = []
+    for client in spms.values():
+        ledger = _ledger_view(client)
+        if ledger is None:
+            return {"duplicated_effects": None, "leftover_effects": None}
+        dup, objs = ledger
+        duplicated += dup
+        objects.extend(objs)
+    failed_images = {(s.params["sdUUID"], s.params["imgUUID"]) for s in failed}
+    leftover = sum(1 for o in objects if (o[0], o[1]) in failed_images)
+    return {"duplicated_effects": duplicated, "leftover_effects": leftover}
+
+
+def _ledger_view(client: SpmClient) -> tuple[int, list[tuple[str, str]]] | None:
+    """(duplicated effects, [(sd, img) of each object]) from a simulator, local or served."""
+    ledger_of = getattr(client, "ledger_summary", None)
+    if callable(ledger_of):
+        summary = ledger_of()
+        return int(summary["duplicated_effects"]), [
+            (o["sd_uuid"], o["img_uuid"]) for o in summary["objects"]
+        ]
+    ledger = getattr(client, "ledger", None)
+    if ledger is None:
+        return None
+    return ledger.duplicate_count(), [(o.sd_uuid, o.img_uuid) for o in ledger.objects()]
+
+
+def write_json(report: dict[str, Any], path: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def summary_table(report: dict[str, Any]) -> str:
+    rows = [
+        ("chains", report["chains"]),
+        ("ended_successfully", report["ended_successfully"]),
+        ("ended_with_failure", report["ended_with_failure"]),
+        ("not ended", report["not_ended"]),
+        ("steps fired", report["steps_fired"]),
+        ("reverts fired", report["reverts_fired"]),
+        ("wall", f"{report['wall_s']:.2f} s"),
+        ("steps/s", f"{report['steps_per_s']:,.0f}"),
+        ("peak RSS", f"{report['peak_rss_mib']:.0f} MiB"),
+        ("duplicated effects", report["duplicated_effects"]),
+        ("leftover effects", report["leftover_effects"]),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)

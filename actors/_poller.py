@@ -1,0 +1,274 @@
+"""PollerActor: learns task ends from one pool's SPM and reports them to their chains.
+
+One ``getAllTasksStatuses`` call per tick, never one per task. The tick adapts: right after
+activity (a task fired, a task ended) it is ``poll_min_s``; each tick that sees no change
+doubles it, up to ``poll_max_s``. A finished task is reported to its chain, and reported again
+every ``redeliver_s`` while the SPM still lists it (the chain acknowledges, the SpmTaskActor
+clears it, and it disappears). An error while polling is logged and counted, and the next tick
+comes as usual: it never stops the polling, of this pool or any other (each pool has its own
+PollerActor). It also finds zombies (tasks running past the task timeout: their chain is told
+and stops them) and orphans (tasks the SPM lists that no chain owns, for longer than
+``orphan_grace_s``: handed to the SpmTaskActor to stop, revert and clear).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import pykka
+
+from actors import _chain as ch
+from actors import _messages as m
+from spm._client import TaskStatus
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    from actors._runtime import _Core
+
+logger = logging.getLogger(__name__)
+
+# A watched, unfinished task missing from this many successful polls in a row is lost.
+LOST_AFTER_MISSES = 3
+
+
+@dataclass(slots=True)
+class _Watch:
+    chain_id: str | None
+    verb: str
+    fired_at: float
+    ended: bool = False
+    succeeded: bool = False
+    code: int = 0
+    message: str = ""
+    delivered_at: float = 0.0
+    misses: int = 0
+    zombie_told: bool = False
+
+
+class PollerActor(pykka.ThreadingActor):
+    use_daemon_thread = True
+
+    def __init__(self, core: _Core, pool: str, restarted: bool = False) -> None:
+        super().__init__()
+        self.core = core
+        self.pool = pool
+        self.spm = core.spms[pool]
+        opts = core.options
+        self.min_s = opts.poll_min_s
+        self.max_s = opts.poll_max_s
+        self.redeliver_s = opts.redeliver_s
+        self.orphan_grace_s = opts.orphan_grace_s
+        self.task_timeout_s = opts.task_timeout_s
+        self.restarted = restarted
+        self.interval = self.min_s
+        self.generation = 0
+        self.next_tick_at = 0.0
+        self.watched: dict[str, _Watch] = {}
+        self.unowned: dict[str, float] = {}
+        self.activity = False
+        self.last_sweep = 0.0
+        self.polls = 0
+        self.errors = 0
+        self._error_logged_at = 0.0
+
+    def on_start(self) -> None:
+        if self.restarted:
+            self.core.reannounce(self.pool)
+        self._schedule(0.0)
+
+    def on_failure(
+        self,
+        exception_type: type[BaseException] | None,
+        exception_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.core.child_failed("poller", self.pool, exception_value)
+
+    def _schedule(self, delay: float) -> None:
+        self.generation += 1
+        gen = self.generation
+        ref = self.actor_ref
+        self.next_tick_at = time.monotonic() + delay
+
+        def tick() -> None:
+            try:
+                ref.tell(m.PollTick(gen))
+            except pykka.ActorDeadError:
+                pass
+
+        self.core.scheduler.call_later(delay, tick)
+
+    def on_receive(self, message: Any) -> Any:
+        if isinstance(message, m.PollTick):
+            if message.generation != self.generation:
+                return None  # superseded by an earlier tick
+            self.core.faults.maybe_fail("poller")
+            self._poll()
+            self._schedule(self.interval)
+            return None
+        self.core.faults.maybe_fail("poller")
+        if isinstance(message, m.Watch):
+            self._watch(message.tasks)
+        else:
+            return super().on_receive(message)
+        return None
+
+    def _watch(self, tasks: tuple[m.Watched, ...]) -> None:
+        finished_again: list[str] = []
+        for t in tasks:
+            w = self.watched.get(t.task_id)
+            self.unowned.pop(t.task_id, None)
+            if w is None or w.chain_id is None:
+                self.watched[t.task_id] = _Watch(t.chain_id, t.verb, t.fired_at)
+            elif w.ended:
+                # Re-adopted after it ended (a restarted SpmTaskActor): it needs to hear again
+                # that the slot is free, and the chain needs the outcome again.
+                finished_again.append(t.task_id)
+                w.delivered_at = 0.0
+        if finished_again:
+            self.core.tell_task_actor(self.pool, m.Finished(tuple(finished_again)))
+        # New activity: poll soon.
+        self.activity = True
+        if self.interval > self.min_s:
+            self.interval = self.min_s
+            if self.next_tick_at - time.monotonic() > self.min_s:
+                self._schedule(self.min_s)
+
+    def _poll(self) -> None:
+        core = self.core
+        t0 = time.monotonic()
+        try:
+            statuses = self.spm.getAllTasksStatuses()
+            if not isinstance(statuses, dict):
+                raise TypeError(f"getAllTasksStatuses answered {type(statuses).__name__}")
+        except Exception as err:  # noqa: BLE001 - counted and logged; polling goes on
+            self.errors += 1
+            core.metrics.poll_error(self.pool)
+            if t0 - self._error_logged_at > 5.0:
+                self._error_logged_at = t0
+                logger.warning(
+                    "pool %s: polling the SPM failed (%d so far): %s",
+                    self.pool,
+                    self.errors,
+                    err,
+                    extra={"pool": self.pool},
+                )
+            self.interval = min(max(self.interval * 2, self.min_s), self.max_s)
+            return
+        now = time.monotonic()
+        core.metrics.poll(self.pool, now - t0)
+        self.polls += 1
+        changed = self.activity
+        self.activity = False
+        finished: list[str] = []
+        deliveries: list[tuple[str, ch.TaskEnded]] = []
+        orphans_ended: list[tuple[str, bool]] = []
+        lost: list[tuple[str, str]] = []
+        wall = time.time()
+        redeliver_before = now - self.redeliver_s
+        for task_id, w in list(self.watched.items()):
+            st = statuses.get(task_id)
+            if st is None:
+                if w.ended:
+                    del self.watched[task_id]  # cleared
+                    continue
+                w.misses += 1
+                if w.misses >= LOST_AFTER_MISSES:
+                    del self.watched[task_id]
+                    changed = True
+                    if w.chain_id is not None:
+                        lost.append((w.chain_id, task_id))
+                continue
+            w.misses = 0
+            try:
+                state = st["taskState"]
+            except (TypeError, KeyError):
+                logger.warning(
+                    "pool %s: status of task %s has the wrong shape: %r", self.pool, task_id, st
+                )
+                continue
+            if state != "finished":
+                continue
+            if not w.ended:
+                w.ended = True
+                changed = True
+                succeeded, code, message = _outcome(st)
+                w.succeeded, w.code, w.message = succeeded, code, message
+                if w.chain_id is None:
+                    orphans_ended.append((task_id, succeeded))
+                    continue
+                finished.append(task_id)
+            elif w.chain_id is None or w.delivered_at > redeliver_before:
+                continue
+            w.delivered_at = now
+            deliveries.append(
+                (w.chain_id, ch.TaskEnded(task_id, w.succeeded, w.code, w.message, wall))
+            )
+        # The slot is free before the chain can react (Finished is queued first).
+        if finished:
+            core.tell_task_actor(self.pool, m.Finished(tuple(finished)))
+        for task_id, ok in orphans_ended:
+            core.tell_task_actor(self.pool, m.OrphanEnded(task_id, ok))
+        for chain_id, event in deliveries:
+            core.tell_chain(chain_id, event, seen_at=now)
+        for chain_id, task_id in lost:
+            logger.warning(
+                "pool %s: task %s of chain %s is unknown to the SPM",
+                self.pool,
+                task_id,
+                chain_id,
+                extra={"pool": self.pool, "task_id": task_id, "chain_id": chain_id},
+            )
+            core.tell_chain(chain_id, ch.TaskLost(task_id, wall))
+        if now - self.last_sweep >= min(1.0, self.max_s):
+            self.last_sweep = now
+            self._sweep(statuses, now, wall)
+        if changed:
+            self.interval = self.min_s
+        else:
+            self.interval = min(self.interval * 2, self.max_s)
+
+    def _sweep(self, statuses: dict[str, TaskStatus], now: float, wall: float) -> None:
+        """Zombies among the watched tasks; orphans among the SPM's."""
+        core = self.core
+        deadline = now - self.task_timeout_s
+        for task_id, w in self.watched.items():
+            if w.ended or w.zombie_told or w.chain_id is None or w.fired_at > deadline:
+                continue
+            w.zombie_told = True
+            core.metrics.zombie_task(self.pool)
+            logger.warning(
+                "pool %s: task %s of chain %s is a zombie (running for %.0f s)",
+                self.pool,
+                task_id,
+                w.chain_id,
+                now - w.fired_at,
+                extra={"pool": self.pool, "task_id": task_id, "chain_id": w.chain_id},
+            )
+            core.tell_chain(w.chain_id, ch.ZombieTask(task_id, wall))
+        unowned = statuses.keys() - self.watched.keys()
+        for task_id in list(self.unowned):
+            if task_id not in unowned:
+                del self.unowned[task_id]
+        for task_id in unowned:
+            first = self.unowned.setdefault(task_id, now)
+            if now - first >= self.orphan_grace_s:
+                del self.unowned[task_id]
+                core.tell_task_actor(
+                    self.pool,
+                    m.Discard(task_id, f"orphan: no chain owns it after {self.orphan_grace_s:g} s"),
+                )
+
+
+def _outcome(st: TaskStatus) -> tuple[bool, int, str]:
+    code = st.get("code", 0)
+    message = st.get("message", "")
+    if not isinstance(code, int):
+        code = 100
+    if not isinstance(message, str):
+        message = str(message)
+    return st.get("taskResult") == "success", code, message

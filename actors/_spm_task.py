@@ -1,0 +1,374 @@
+"""SpmTaskActor: the only writer to one pool's SPM.
+
+It fires the verbs chains ask for, first come first served across chains, keeps at most
+``max_outstanding`` tasks fired and not yet finished at the SPM, never runs two steps that
+declare conflicting resources at once, and clears a task once its chain has recorded the
+outcome. It knows which chain owns which task; after a restart it learns that again from the
+chains (their ``Adopt`` messages) and the SPM (the poller's view).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter, deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import pykka
+
+from actors import _chain as ch
+from actors import _messages as m
+from spm._errors import (
+    NotReadyError,
+    NotSpmError,
+    SpmConnectionError,
+    SpmError,
+    UnknownTaskError,
+)
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    from actors._runtime import _Core
+
+logger = logging.getLogger(__name__)
+
+# Refusals that say "not now" rather than "never": the request stays queued and is retried.
+_TRANSIENT = (NotSpmError, NotReadyError, SpmConnectionError)
+_SCAN_LIMIT = 1024
+
+
+@dataclass(slots=True)
+class _Outstanding:
+    chain_id: str | None
+    ref: tuple[str, int, int]
+    verb: str
+    exclusive: tuple[str, ...]
+    shared: tuple[str, ...]
+    fired_at: float
+
+
+def is_queue_full(err: SpmError) -> bool:
+    """The SPM refused the verb because its own task queue is full (retry later)."""
+    return "queue" in err.message.lower() and "full" in err.message.lower()
+
+
+class SpmTaskActor(pykka.ThreadingActor):
+    use_daemon_thread = True
+
+    def __init__(self, core: _Core, pool: str, restarted: bool = False) -> None:
+        super().__init__()
+        self.core = core
+        self.pool = pool
+        self.spm = core.spms[pool]
+        self.max_outstanding = core.options.max_outstanding
+        self.restarted = restarted
+        self.queue: deque[m.FireRequest] = deque()
+        self.outstanding: dict[str, _Outstanding] = {}
+        self.owners: dict[str, tuple[str, tuple[str, int, int]]] = {}
+        self.excl: set[str] = set()
+        self.shared: Counter[str] = Counter()
+        self.discarding: dict[str, str] = {}  # task id -> "stopping" | "reverting"
+        # (chain id, ref) -> task id (None while queued): a request sent twice (a chain that
+        # re-sends after this actor restarted) is fired once.
+        self.by_ref: dict[tuple[str, tuple[str, int, int]], str | None] = {}
+        self.retry_pending = False
+        self.backoff = core.options.retry_min_s
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def on_start(self) -> None:
+        if self.restarted:
+            # Whatever the last incarnation knew is gone: ask every live chain of this pool
+            # to say again what it has in flight (Adopt) or still wants fired (FireRequest).
+            self.core.reannounce(self.pool)
+
+    def on_failure(
+        self,
+        exception_type: type[BaseException] | None,
+        exception_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.core.child_failed("spm_task", self.pool, exception_value)
+
+    # -- messages --------------------------------------------------------------------------
+
+    def on_receive(self, message: Any) -> Any:
+        self.core.faults.maybe_fail("spm_task")
+        if isinstance(message, m.FireRequest):
+            key = (message.chain_id, message.ref)
+            if key in self.by_ref:
+                task_id = self.by_ref[key]
+                if task_id is not None:
+                    self._tell_chain(
+                        message.chain_id, ch.TaskFired(message.ref, task_id, time.time())
+                    )
+                return None
+            self.by_ref[key] = None
+            self.queue.append(message)
+            self._dispatch()
+        elif isinstance(message, m.Finished):
+            self._finished(message.task_ids)
+            self._dispatch()
+        elif isinstance(message, m.Ack):
+            self._clear(message.task_id)
+        elif isinstance(message, m.Stop):
+            self._stop_task(message.task_id)
+        elif isinstance(message, m.Adopt):
+            self._adopt(message)
+        elif isinstance(message, m.Discard):
+            self._discard(message.task_id, message.reason)
+        elif isinstance(message, m.OrphanEnded):
+            self._orphan_ended(message.task_id, message.succeeded)
+        elif isinstance(message, m.Retry):
+            self.retry_pending = False
+            self._dispatch()
+        else:
+            return super().on_receive(message)
+        self.core.metrics.set_pool_slots(self.pool, len(self.outstanding), len(self.queue))
+        return None
+
+    # -- firing ----------------------------------------------------------------------------
+
+    def _free(self, req: m.FireRequest) -> bool:
+        excl, shared = self.excl, self.shared
+        for r in req.exclusive:
+            if r in excl or shared[r]:
+                return False
+        return all(r not in excl for r in req.shared)
+
+    def _take(self, exclusive: tuple[str, ...], shared: tuple[str, ...]) -> None:
+        self.excl.update(exclusive)
+        for r in shared:
+            self.shared[r] += 1
+
+    def _release(self, exclusive: tuple[str, ...], shared: tuple[str, ...]) -> None:
+        for r in exclusive:
+            self.excl.discard(r)
+        for r in shared:
+            n = self.shared[r] - 1
+            if n > 0:
+                self.shared[r] = n
+            else:
+                del self.shared[r]
+
+    def _next_request(self) -> m.FireRequest | None:
+        q = self.queue
+        head = q[0]
+        if (not head.exclusive and not head.shared) or self._free(head):
+            return q.popleft()
+        # The head waits for a resource; the first request behind it that can go, goes (it
+        # keeps FIFO among the requests that can run).
+        for i, req in enumerate(q):
+            if i >= _SCAN_LIMIT:
+                break
+            if self._free(req):
+                del q[i]
+                return req
+        return None
+
+    def _dispatch(self) -> None:
+        watch: list[m.Watched] = []
+        core = self.core
+        spm = self.spm
+        try:
+            while self.queue and len(self.outstanding) < self.max_outstanding:
+                req = self._next_request()
+                if req is None:
+                    break
+                self._take(req.exclusive, req.shared)
+                try:
+                    task_id = spm.fire(req.verb, req.params)
+                except SpmError as err:
+                    self._release(req.exclusive, req.shared)
+                    if isinstance(err, _TRANSIENT) or is_queue_full(err):
+                        self.queue.appendleft(req)
+                        self._schedule_retry(err)
+                        break
+                    self.by_ref.pop((req.chain_id, req.ref), None)
+                    self._tell_chain(
+                        req.chain_id,
+                        ch.FireRefused(req.ref, err.code, err.message, time.time()),
+                    )
+                    continue
+                except Exception as err:  # noqa: BLE001 - a broken client fails the request
+                    self._release(req.exclusive, req.shared)
+                    self.by_ref.pop((req.chain_id, req.ref), None)
+                    logger.exception(
+                        "pool %s: firing %s for chain %s raised", self.pool, req.verb, req.chain_id
+                    )
+                    self._tell_chain(
+                        req.chain_id,
+                        ch.FireRefused(req.ref, 100, f"{type(err).__name__}: {err}", time.time()),
+                    )
+                    continue
+                now = time.monotonic()
+                self.backoff = core.options.retry_min_s
+                self.outstanding[task_id] = _Outstanding(
+                    req.chain_id, req.ref, req.verb, req.exclusive, req.shared, now
+                )
+                self.owners[task_id] = (req.chain_id, req.ref)
+                self.by_ref[(req.chain_id, req.ref)] = task_id
+                watch.append(m.Watched(task_id, req.chain_id, req.verb, now))
+                if req.ref[0] == "revert":
+                    core.metrics.revert_fired(req.verb)
+                else:
+                    core.metrics.step_fired(req.verb)
+                if req.seen_at is not None:
+                    core.metrics.reaction(max(0.0, time.time() - req.seen_at))
+                logger.debug(
+                    "pool %s: chain %s fired %s as task %s",
+                    self.pool,
+                    req.chain_id,
+                    req.verb,
+                    task_id,
+                    extra={"chain_id": req.chain_id, "pool": self.pool, "task_id": task_id},
+                )
+                self._tell_chain(req.chain_id, ch.TaskFired(req.ref, task_id, time.time()))
+        finally:
+            if watch:
+                core.tell_poller(self.pool, m.Watch(tuple(watch)))
+
+    def _schedule_retry(self, err: SpmError) -> None:
+        logger.warning(
+            "pool %s: SPM refused for now (%s); retrying in %.2f s", self.pool, err, self.backoff
+        )
+        if self.retry_pending:
+            return
+        self.retry_pending = True
+        ref = self.actor_ref
+        self.core.scheduler.call_later(self.backoff, lambda: _tell_quietly(ref, m.Retry()))
+        self.backoff = min(self.backoff * 2, self.core.options.retry_max_s)
+
+    def _tell_chain(self, chain_id: str, event: Any) -> None:
+        self.core.tell_chain(chain_id, event)
+
+    # -- finishing and clearing ------------------------------------------------------------
+
+    def _finished(self, task_ids: tuple[str, ...]) -> None:
+        now = time.monotonic()
+        metrics = self.core.metrics
+        for task_id in task_ids:
+            out = self.outstanding.pop(task_id, None)
+            if out is None:
+                continue
+            self._release(out.exclusive, out.shared)
+            metrics.task_ended(out.verb, now - out.fired_at)
+
+    def _clear(self, task_id: str) -> None:
+        if task_id in self.outstanding:
+            # The chain heard of the end before we did (a redelivery raced a restart).
+            self._finished((task_id,))
+            self._dispatch()
+        try:
+            self.spm.clearTask(task_id)
+        except UnknownTaskError:
+            pass  # already cleared: a duplicate acknowledgement
+        except SpmError as err:
+            # Left for the next report: the poller reports the task again while the SPM still
+            # lists it, the chain acknowledges again, and the clear is tried again.
+            logger.warning(
+                "pool %s: clearing task %s failed: %s",
+                self.pool,
+                task_id,
+                err,
+                extra={"pool": self.pool, "task_id": task_id},
+            )
+            return
+        owner = self.owners.pop(task_id, None)
+        if owner is not None:
+            self.by_ref.pop(owner, None)
+
+    def _stop_task(self, task_id: str) -> None:
+        try:
+            self.spm.stopTask(task_id)
+        except UnknownTaskError:
+            pass
+        except SpmError as err:
+            logger.warning(
+                "pool %s: stopping task %s failed: %s",
+                self.pool,
+                task_id,
+                err,
+                extra={"pool": self.pool, "task_id": task_id},
+            )
+
+    def _adopt(self, msg: m.Adopt) -> None:
+        self.owners[msg.task_id] = (msg.chain_id, msg.ref)
+        self.by_ref[(msg.chain_id, msg.ref)] = msg.task_id
+        now = time.monotonic()
+        if msg.task_id not in self.outstanding:
+            self.outstanding[msg.task_id] = _Outstanding(
+                msg.chain_id, msg.ref, msg.verb, msg.exclusive, msg.shared, now
+            )
+            self._take(msg.exclusive, msg.shared)
+        self.core.tell_poller(
+            self.pool, m.Watch((m.Watched(msg.task_id, msg.chain_id, msg.verb, now),))
+        )
+
+    # -- orphans ---------------------------------------------------------------------------
+
+    def _discard(self, task_id: str, reason: str) -> None:
+        if task_id in self.discarding:
+            return
+        logger.warning(
+            "pool %s: discarding task %s: %s",
+            self.pool,
+            task_id,
+            reason,
+            extra={"pool": self.pool, "task_id": task_id},
+        )
+        self.core.metrics.orphan_task(self.pool)
+        self.discarding[task_id] = "stopping"
+        owner = self.owners.pop(task_id, None)
+        if owner is not None:
+            self.by_ref.pop(owner, None)
+        self._stop_task(task_id)
+        self.core.tell_poller(self.pool, m.Watch((m.Watched(task_id, None, "", time.monotonic()),)))
+
+    def _orphan_ended(self, task_id: str, succeeded: bool) -> None:
+        stage = self.discarding.get(task_id)
+        if stage is None:
+            return
+        out = self.outstanding.pop(task_id, None)
+        if out is not None:
+            self._release(out.exclusive, out.shared)
+        if succeeded and stage == "stopping":
+            try:
+                self.spm.revertTask(task_id)
+                self.discarding[task_id] = "reverting"
+                # Watch it again: its rollback ends it once more (finished/cleanSuccess).
+                self.core.tell_poller(
+                    self.pool, m.Watch((m.Watched(task_id, None, "", time.monotonic()),))
+                )
+                return
+            except SpmError as err:
+                logger.warning(
+                    "pool %s: reverting orphan task %s failed: %s",
+                    self.pool,
+                    task_id,
+                    err,
+                    extra={"pool": self.pool, "task_id": task_id},
+                )
+        try:
+            self.spm.clearTask(task_id)
+        except UnknownTaskError:
+            pass
+        except SpmError as err:
+            logger.warning(
+                "pool %s: clearing orphan task %s failed: %s",
+                self.pool,
+                task_id,
+                err,
+                extra={"pool": self.pool, "task_id": task_id},
+            )
+            return
+        del self.discarding[task_id]
+
+
+def _tell_quietly(ref: pykka.ActorRef[Any], message: Any) -> None:
+    try:
+        ref.tell(message)
+    except pykka.ActorDeadError:
+        pass
