@@ -32,7 +32,6 @@ __all__ = [
     "ChainHandle",
     "ChainResult",
     "Runtime",
-    "RuntimeError_",
     "RuntimeOptions",
     "RuntimeStoppedError",
 ]
@@ -47,8 +46,6 @@ class RuntimeStoppedError(RuntimeError):
         self.reason = reason
         super().__init__(reason)
 
-
-RuntimeError_ = RuntimeStoppedError
 
 
 @dataclass(frozen=True, slots=True)
@@ -515,5 +512,3 @@ class Runtime:
                 return
         fn(handle._result)
 
-
-_ = _Durable  # re-exported for the store wiring
