@@ -313,7 +313,7 @@ class FireTask:
 
 @dataclass(frozen=True, slots=True)
 class AckTask:
-    """The outcome of ``task_id`` is recorded: the poller may stop reporting it, the SPM may clear it."""
+    """The outcome of ``task_id`` is recorded: stop reporting it, clear it on the SPM."""
 
     task_id: str
 
@@ -325,7 +325,8 @@ class StopTask:
 
 @dataclass(frozen=True, slots=True)
 class DiscardTask:
-    """``task_id`` is not (or no longer) this chain's: stop it, revert it if it succeeded, clear it."""
+    """``task_id`` is not (or no longer) this chain's: stop it, revert it if it succeeded,
+    clear it."""
 
     task_id: str
 
@@ -438,9 +439,8 @@ def _find_ref(state: ChainState, ref: tuple[str, int, int]) -> StepRecord | None
     rec = state.steps[index]
     if kind == "step":
         return rec if rec.status == "submitting" else None
-    if kind == "revert":
-        if rec.revert_status == "submitting" and rec.revert_attempts == attempt:
-            return rec
+    if kind == "revert" and rec.revert_status == "submitting" and rec.revert_attempts == attempt:
+        return rec
     return None
 
 
@@ -629,14 +629,15 @@ def _revert_next(state: ChainState, now: float) -> tuple[ChainState, list[Effect
 
 
 def _fire_revert(state: ChainState, rec: StepRecord) -> tuple[ChainState, list[Effect]]:
-    assert rec.revert_verb is not None
+    verb = rec.revert_verb
+    assert verb is not None
     attempt = rec.revert_attempts + 1
     new, rec = _set_step(
         state, rec, revert_status="submitting", revert_task_id=None, revert_attempts=attempt
     )
     params = rec.revert_params if rec.revert_params is not None else rec.params
     return new, [
-        FireTask(("revert", rec.index, attempt), rec.revert_verb, params, rec.exclusive, rec.shared)
+        FireTask(("revert", rec.index, attempt), verb, params, rec.exclusive, rec.shared)
     ]
 
 
@@ -691,7 +692,7 @@ def _on_tick(state: ChainState, ev: Tick) -> tuple[ChainState, list[Effect]]:
     # steps left unreverted are named in the reason.
     effects: list[Effect] = []
     new = state
-    for _ref, task_id, rec in state.in_flight():
+    for _ref, task_id, _rec in state.in_flight():
         if task_id is not None:
             effects.append(DiscardTask(task_id))
     unreverted = [

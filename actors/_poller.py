@@ -22,6 +22,7 @@ import pykka
 
 from actors import _chain as ch
 from actors import _messages as m
+from actors._pool import ThreadActor
 from spm._client import TaskStatus
 
 if TYPE_CHECKING:
@@ -49,8 +50,7 @@ class _Watch:
     zombie_told: bool = False
 
 
-class PollerActor(pykka.ThreadingActor):
-    use_daemon_thread = True
+class PollerActor(ThreadActor):
 
     def __init__(self, core: _Core, pool: str, restarted: bool = False) -> None:
         super().__init__()

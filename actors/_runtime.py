@@ -14,7 +14,7 @@ import pykka
 
 from actors import _chain as ch
 from actors import _messages as m
-from actors._command import CommandActor, _Durable
+from actors._command import CommandActor
 from actors._faults import FaultInjector
 from actors._poller import PollerActor
 from actors._pool import WorkerPool

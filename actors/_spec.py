@@ -32,7 +32,7 @@ _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]{0,127}$")
 
 
 class ChainSpecError(ValueError):
-    """A chain spec was refused at submit. ``field`` names the offending field (``steps[2].verb``)."""
+    """A chain spec was refused at submit. ``field`` names the bad field (``steps[2].verb``)."""
 
     def __init__(self, field: str, problem: str) -> None:
         self.field = field

@@ -19,6 +19,7 @@ import pykka
 
 from actors import _chain as ch
 from actors import _messages as m
+from actors._pool import ThreadActor
 from spm._errors import (
     NotReadyError,
     NotSpmError,
@@ -54,8 +55,7 @@ def is_queue_full(err: SpmError) -> bool:
     return "queue" in err.message.lower() and "full" in err.message.lower()
 
 
-class SpmTaskActor(pykka.ThreadingActor):
-    use_daemon_thread = True
+class SpmTaskActor(ThreadActor):
 
     def __init__(self, core: _Core, pool: str, restarted: bool = False) -> None:
         super().__init__()

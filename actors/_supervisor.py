@@ -17,9 +17,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-import pykka
-
 from actors import _messages as m
+from actors._pool import ThreadActor
 
 if TYPE_CHECKING:
     from actors._runtime import _Core
@@ -52,8 +51,7 @@ DEFAULT_SUPERVISION: tuple[ChildSpec, ...] = (
 )
 
 
-class SupervisorActor(pykka.ThreadingActor):
-    use_daemon_thread = True
+class SupervisorActor(ThreadActor):
 
     def __init__(self, core: _Core, specs: tuple[ChildSpec, ...]) -> None:
         super().__init__()
