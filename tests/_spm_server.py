@@ -1,0 +1,225 @@
+"""Test helpers for the wire-protocol tests: a small in-memory SpmClient, and the served
+simulator (``python -m spm._serve``) as a subprocess that is always stopped by pid."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from spm._client import SpmClient, TaskInfo, TaskStatus
+from spm._errors import NotSpmError, TaskStateError, UnknownTaskError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class FakeLedger:
+    """What the served simulator's ledger offers: objects and duplicated effects."""
+
+    def __init__(self) -> None:
+        self.items: list[dict[str, Any]] = []
+
+    def objects(self) -> list[dict[str, Any]]:
+        return list(self.items)
+
+    def duplicated_effects(self) -> int:
+        return 0
+
+
+class FakeSpm(SpmClient):
+    """An SPM whose tasks finish the moment they are fired; records every call.
+
+    ``gate``, when set, makes every call wait for it first (a stuck SPM); ``answer_override``
+    replaces getAllTasksStatuses' answer (an answer of the wrong shape).
+    """
+
+    def __init__(self, pool: str) -> None:
+        self.pool = pool
+        self.lock = threading.Lock()
+        self.tasks: dict[str, TaskStatus] = {}
+        self.verbs: dict[str, str] = {}
+        self.fired: list[tuple[str, dict[str, Any]]] = []
+        self.is_spm = True
+        self.gate: threading.Event | None = None
+        self.entered = threading.Event()
+        self.answer_override: Any = None
+        self.ledger = FakeLedger()
+
+    def _enter(self) -> None:
+        self.entered.set()
+        gate = self.gate
+        if gate is not None:
+            gate.wait(30)
+        if not self.is_spm:
+            raise NotSpmError(f"Not SPM: {self.pool}")
+
+    def fire(self, verb: str, params: Mapping[str, Any]) -> str:
+        self._enter()
+        task_id = str(uuid.uuid4())
+        with self.lock:
+            self.fired.append((verb, dict(params)))
+            self.verbs[task_id] = verb
+            self.tasks[task_id] = TaskStatus(
+                taskID=task_id,
+                taskState="finished",
+                taskResult="success",
+                code=0,
+                message="1 jobs completed successfully",
+            )
+            self.ledger.items.append({"task": task_id, "verb": verb})
+        return task_id
+
+    def getAllTasksStatuses(self) -> dict[str, TaskStatus]:  # noqa: N802
+        self._enter()
+        if self.answer_override is not None:
+            return self.answer_override  # type: ignore[no-any-return]
+        with self.lock:
+            return dict(self.tasks)
+
+    def getAllTasksInfo(self) -> dict[str, TaskInfo]:  # noqa: N802
+        self._enter()
+        with self.lock:
+            return {t: TaskInfo(id=t, verb=v) for t, v in self.verbs.items()}
+
+    def getTaskStatus(self, task_id: str) -> TaskStatus:  # noqa: N802
+        self._enter()
+        with self.lock:
+            if task_id not in self.tasks:
+                raise UnknownTaskError(f"Task id unknown: ('{task_id}',)")
+            return self.tasks[task_id]
+
+    def clearTask(self, task_id: str) -> None:  # noqa: N802
+        self._enter()
+        with self.lock:
+            status = self.tasks.get(task_id)
+            if status is None:
+                raise UnknownTaskError(f"Task id unknown: ('{task_id}',)")
+            if status["taskState"] != "finished":
+                raise TaskStateError()
+            del self.tasks[task_id]
+            del self.verbs[task_id]
+
+    def stopTask(self, task_id: str) -> None:  # noqa: N802
+        self.getTaskStatus(task_id)
+
+    def revertTask(self, task_id: str) -> None:  # noqa: N802
+        self.getTaskStatus(task_id)
+
+    def spm_stop(self) -> None:
+        self.is_spm = False
+
+    def spm_start(self) -> None:
+        self.is_spm = True
+
+    def stats(self) -> dict[str, int]:
+        with self.lock:
+            return {"fired": len(self.fired)}
+
+
+class ServedSpm:
+    """A running ``python -m spm._serve`` process."""
+
+    def __init__(self, proc: subprocess.Popen[str], url: str, stderr_path: str) -> None:
+        self.proc = proc
+        self.url = url
+        self.port = int(url.rsplit(":", 1)[1])
+        self.stderr_path = stderr_path
+
+    def signal(self, signum: int) -> None:
+        """Send ``signum`` to the server process (by its pid)."""
+        os.kill(self.proc.pid, signum)
+
+    def kill(self) -> None:
+        """SIGKILL the server and reap it."""
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """SIGTERM the server, wait for it (SIGKILL past ``timeout``); its exit status."""
+        if self.proc.poll() is None:
+            with_suppressed(os.kill, self.proc.pid, signal.SIGCONT)
+            with_suppressed(os.kill, self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        return self.proc.returncode
+
+    def stderr(self) -> str:
+        return Path(self.stderr_path).read_text(errors="replace")
+
+
+def with_suppressed(fn: Any, *args: Any) -> None:
+    try:
+        fn(*args)
+    except ProcessLookupError:
+        pass
+
+
+def start_served_spm(*args: str, port: int = 0, timeout: float = 30.0) -> ServedSpm:
+    """Start the served simulator on 127.0.0.1:``port`` with extra ``args``; wait for its
+    address line. Raises RuntimeError (with its stderr) if it exits or says nothing in time."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    fd, err_path = tempfile.mkstemp(prefix="spm-serve-", suffix=".log")
+    with open(fd, "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "spm._serve", "--listen", f"127.0.0.1:{port}", *args],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            cwd=str(REPO),
+            env=env,
+        )
+    line: list[str] = []
+    reader = threading.Thread(
+        target=lambda: line.append(proc.stdout.readline() if proc.stdout else "")
+    )
+    reader.daemon = True
+    reader.start()
+    reader.join(timeout)
+    match = re.search(r"(stomp(?:\+tls)?://\S+)", line[0]) if line else None
+    if match is None:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+        raise RuntimeError(
+            f"served SPM did not start: {line!r}\n{Path(err_path).read_text(errors='replace')}"
+        )
+    return ServedSpm(proc, match.group(1), err_path)
+
+
+@contextmanager
+def served_spm(*args: str, port: int = 0, timeout: float = 30.0) -> Iterator[ServedSpm]:
+    """:func:`start_served_spm` as a context manager that always stops the process."""
+    served = start_served_spm(*args, port=port, timeout=timeout)
+    try:
+        yield served
+    finally:
+        served.stop()
+        Path(served.stderr_path).unlink(missing_ok=True)
+
+
+def wait_until(predicate: Any, timeout: float, interval: float = 0.02) -> bool:
+    """Poll ``predicate`` until true or ``timeout`` passes (for outcomes with no event to wait
+    on, such as a remote process's state)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
