@@ -679,11 +679,18 @@ class StompSpmClient(SpmClient):
 
     def getLedger(self) -> dict[str, Any]:
         """The served simulator's ledger (``Simulator.getLedger``, not a VDSM verb):
-        ``{"objects": ..., "duplicated_effects": ..., "stats": ...}``."""
+        ``{"objects": [...], "duplicated_effects": n, "duplicates": [...], "stats": {...}}``,
+        each object as the simulator describes it (``kind``, ``sd_uuid``, ``img_uuid``,
+        ``vol_uuid``, ``task_id``, ``verb`` ...). A real VDSM answers -32601
+        (RpcProtocolError)."""
         result = self.call("Simulator.getLedger")
         if not isinstance(result, dict):
             raise BadAnswerError(f"Simulator.getLedger: expected an object, got {result!r}")
         return result
+
+    def ledger_summary(self) -> dict[str, Any]:
+        """The same as :meth:`getLedger` (the name the loadtest looks for)."""
+        return self.getLedger()
 
     def close(self) -> None:
         """Close the connection (unless it was given to the constructor). Idempotent."""

@@ -92,12 +92,15 @@ class _RpcError(Exception):
 
 
 def to_jsonable(value: Any) -> Any:
-    """``value`` as plain JSON types: dataclasses and mappings become objects (keys as text),
-    sets become sorted lists, tuples lists, enums their values; anything else its ``str``."""
+    """``value`` as plain JSON types: dataclasses, named tuples and mappings become objects
+    (keys as text), sets sorted lists, other tuples lists, enums their values; anything else
+    its ``str``."""
     if value is None or isinstance(value, bool | int | float | str):
         return value
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return to_jsonable(dataclasses.asdict(value))
+    if isinstance(value, tuple) and hasattr(value, "_asdict"):  # a NamedTuple
+        return to_jsonable(value._asdict())
     if isinstance(value, enum.Enum):
         return to_jsonable(value.value)
     if isinstance(value, Mapping):
@@ -125,7 +128,7 @@ def _param_str(params: Mapping[str, Any], name: str, method: str) -> str:
     return value
 
 
-def _simulator_attr(spm: SpmClient, name: str, method: str) -> Any:
+def _simulator_attr(spm: object, name: str, method: str) -> Any:
     attr = getattr(spm, name, None)
     if attr is None:
         raise _RpcError(
@@ -173,13 +176,26 @@ def _spm_start(spm: SpmClient, params: Mapping[str, Any], method: str) -> Any:
 
 
 def _ledger(spm: SpmClient, params: Mapping[str, Any], method: str) -> Any:
-    ledger = _simulator_attr(spm, "ledger", method)
+    # The simulator answers objects() / duplicated_effects() itself, or through a ``ledger``.
+    source = spm if hasattr(spm, "objects") else _simulator_attr(spm, "ledger", method)
+    objects = _simulator_attr(source, "objects", method)
+    duplicated = _simulator_attr(source, "duplicated_effects", method)
+    duplicates = getattr(source, "duplicates", None)
     stats = getattr(spm, "stats", None)
+    stats_value = stats() if stats is not None else {}
+    as_dict = getattr(stats_value, "as_dict", None)
     return {
-        "objects": to_jsonable(ledger.objects()),
-        "duplicated_effects": to_jsonable(ledger.duplicated_effects()),
-        "stats": to_jsonable(stats()) if stats is not None else {},
+        "objects": to_jsonable(objects()),
+        "duplicated_effects": to_jsonable(duplicated()),
+        "duplicates": to_jsonable(duplicates()) if duplicates is not None else [],
+        "stats": to_jsonable(as_dict() if as_dict is not None else stats_value),
     }
+
+
+def _spm_status(spm: SpmClient, params: Mapping[str, Any], method: str) -> Any:
+    # VDSM's SpmStatus: spmStatus is SPM, Free or Contend; no lease ids are simulated.
+    is_spm = getattr(spm, "is_spm", True)
+    return {"spmStatus": "SPM" if is_spm else "Free", "spmLver": -1, "spmId": -1}
 
 
 _POOL_HANDLERS: dict[str, _Handler] = {
@@ -192,6 +208,7 @@ _POOL_HANDLERS: dict[str, _Handler] = {
     "Task.revert": _revert,
     "StoragePool.spmStop": _spm_stop,
     "StoragePool.spmStart": _spm_start,
+    "StoragePool.getSpmStatus": _spm_status,
     "Simulator.getLedger": _ledger,
 }
 

@@ -35,7 +35,11 @@ from spm._stomp_client import (
 )
 from spm._stomp_server import SpmStompServer, server_ssl_context
 
-FAST = {"heartbeat_ms": (0, 0), "reconnect_delay": (0.02, 0.2), "connect_timeout": 2.0}
+FAST: dict[str, Any] = {
+    "heartbeat_ms": (0, 0),
+    "reconnect_delay": (0.02, 0.2),
+    "connect_timeout": 2.0,
+}
 
 
 @pytest.fixture

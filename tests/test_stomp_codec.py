@@ -191,7 +191,7 @@ def test_verb_bindings_use_vdsm_api_names_and_invert() -> None:
 
 
 header_text = st.text(
-    alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
+    alphabet=st.characters(exclude_categories=["Cs"], exclude_characters="\x00"),
     max_size=12,
 )
 frames_strategy = st.lists(

@@ -7,114 +7,14 @@ the server is held to the protocol, not to our own codec.
 from __future__ import annotations
 
 import json
-import socket
 import time
 import uuid
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
-from _spm_server import FakeSpm
+from _spm_server import FakeSpm, RawStomp
 
 from spm._stomp_server import SpmRpcDispatcher, SpmStompServer
-
-
-class RawStomp:
-    """A hand-written STOMP 1.2 client: enough to check the server byte by byte."""
-
-    def __init__(self, port: int, timeout: float = 5.0) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-        self.buf = b""
-        self.eols = 0
-
-    def send_raw(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def send(self, command: str, headers: dict[str, str], body: bytes = b"") -> None:
-        head = command + "\n" + "".join(f"{k}:{v}\n" for k, v in headers.items())
-        if body:
-            head += f"content-length:{len(body)}\n"
-        self.sock.sendall(head.encode() + b"\n" + body + b"\x00")
-
-    def _fill(self) -> bool:
-        data = self.sock.recv(65536)
-        if not data:
-            return False
-        self.buf += data
-        return True
-
-    def read(self) -> tuple[str, dict[str, str], bytes] | None:
-        """The next frame, or None at end of stream. Heart-beat EOLs are counted."""
-        while True:
-            while self.buf[:1] in (b"\n", b"\r"):
-                if self.buf[:1] == b"\n":
-                    self.eols += 1
-                self.buf = self.buf[1:]
-            end = self.buf.find(b"\n\n")
-            if end >= 0:
-                head = self.buf[:end].decode()
-                lines = head.split("\n")
-                headers: dict[str, str] = {}
-                for line in lines[1:]:
-                    k, _, v = line.partition(":")
-                    headers.setdefault(k, v)
-                start = end + 2
-                if "content-length" in headers:
-                    n = int(headers["content-length"])
-                    if len(self.buf) >= start + n + 1:
-                        assert self.buf[start + n] == 0
-                        body = self.buf[start : start + n]
-                        self.buf = self.buf[start + n + 1 :]
-                        return lines[0], headers, body
-                else:
-                    nul = self.buf.find(b"\x00", start)
-                    if nul >= 0:
-                        body = self.buf[start:nul]
-                        self.buf = self.buf[nul + 1 :]
-                        return lines[0], headers, body
-            if not self._fill():
-                return None
-
-    def connect(self, heart_beat: str = "0,0", version: str = "1.2") -> tuple[str, dict[str, str]]:
-        self.send(
-            "CONNECT", {"accept-version": version, "host": "127.0.0.1", "heart-beat": heart_beat}
-        )
-        frame = self.read()
-        assert frame is not None
-        return frame[0], frame[1]
-
-    def rpc(
-        self,
-        method: str,
-        params: dict[str, Any],
-        reply_to: str,
-        dest: str = "jms.topic.vdsm_requests",
-    ) -> Any:
-        req_id = str(uuid.uuid4())
-        body = json.dumps({"jsonrpc": "2.0", "method": method, "params": params, "id": req_id})
-        self.send(
-            "SEND",
-            {"destination": dest, "reply-to": reply_to, "content-type": "application/json"},
-            body.encode(),
-        )
-        frame = self.read()
-        assert frame is not None, "connection closed instead of an answer"
-        command, headers, payload = frame
-        assert command == "MESSAGE"
-        assert headers["destination"] == reply_to
-        answer = json.loads(payload)
-        assert answer["id"] == req_id
-        assert answer["jsonrpc"] == "2.0"
-        return answer
-
-    def closed_by_peer(self) -> bool:
-        try:
-            return self.sock.recv(1) == b""
-        except ConnectionResetError:
-            return True
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @pytest.fixture
@@ -241,6 +141,8 @@ def test_spm_stop_answers_654_until_spm_start(raw: RawStomp) -> None:
     raw.connect()
     reply_to = subscribe(raw)
     assert raw.rpc("StoragePool.spmStop", {"storagepoolID": "pool-a"}, reply_to)["result"] is True
+    status = raw.rpc("StoragePool.getSpmStatus", {"storagepoolID": "pool-a"}, reply_to)
+    assert status["result"]["spmStatus"] == "Free"
     refused = raw.rpc("Host.getAllTasksStatuses", {"storagepoolID": "pool-a"}, reply_to)
     assert refused["error"]["code"] == 654
     assert raw.rpc("StoragePool.spmStart", {"storagepoolID": "pool-a"}, reply_to)["result"] is True
@@ -257,6 +159,7 @@ def test_ledger_is_readable_over_the_wire(raw: RawStomp, fakes: dict[str, FakeSp
     assert ledger == {
         "objects": [{"task": task_id, "verb": "createVolume"}],
         "duplicated_effects": 0,
+        "duplicates": [],
         "stats": {"fired": 1},
     }
 

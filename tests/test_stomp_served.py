@@ -1,0 +1,329 @@
+"""The served simulator (``spmchain spm serve``) in a process of its own, driven over the wire:
+raw STOMP, the StompSpmClient, kill and restart, the SPM role taken away, TLS, and the runtime's
+chains running across a server restart."""
+
+from __future__ import annotations
+
+import random
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+from _spm_server import RawStomp, ServedSpm, served_spm, start_served_spm
+
+from spm._errors import NotSpmError, SpmConnectionError, SpmTimeoutError
+from spm._serve import serve_main
+from spm._stomp_client import NotConnectedError, StompSpmClient, connected_pools
+
+pytest.importorskip("spm._simulator")
+
+FAST: dict[str, Any] = {
+    "heartbeat_ms": (1000, 1000),
+    "reconnect_delay": (0.02, 0.2),
+    "connect_timeout": 5.0,
+}
+
+
+def volume_params() -> dict[str, Any]:
+    """hsm.createVolume's parameters for a new volume in a new image."""
+    return {
+        "sdUUID": str(uuid.uuid4()),
+        "imgUUID": str(uuid.uuid4()),
+        "volUUID": str(uuid.uuid4()),
+        "size": "1073741824",
+        "volFormat": 4,
+        "preallocate": 2,
+        "diskType": "DATA",
+        "desc": "",
+    }
+
+
+@pytest.fixture
+def served() -> Iterator[ServedSpm]:
+    with served_spm("--pools", "2") as s:
+        yield s
+
+
+def test_independent_raw_stomp_check_gets_vdsm_shaped_answers(served: ServedSpm) -> None:
+    raw = RawStomp(served.port)
+    try:
+        command, headers = raw.connect("0,0")
+        assert (command, headers["version"]) == ("CONNECTED", "1.2")
+        reply_to = f"jms.topic.vdsm_responses.{uuid.uuid4()}"
+        raw.send("SUBSCRIBE", {"destination": reply_to, "id": "sub-1", "ack": "auto"})
+        fired = raw.rpc(
+            "Volume.create",
+            {
+                "storagepoolID": "pool-0",
+                "storagedomainID": str(uuid.uuid4()),
+                "imageID": str(uuid.uuid4()),
+                "volumeID": str(uuid.uuid4()),
+                "size": "1073741824",
+                "volFormat": 4,
+                "preallocate": 2,
+                "diskType": "DATA",
+                "desc": "",
+                "srcImgUUID": "00000000-0000-0000-0000-000000000000",
+                "srcVolUUID": "00000000-0000-0000-0000-000000000000",
+            },
+            reply_to,
+        )
+        task_id = fired["result"]
+        assert isinstance(task_id, str) and uuid.UUID(task_id)
+        statuses = raw.rpc("Host.getAllTasksStatuses", {"storagepoolID": "pool-0"}, reply_to)
+        status = statuses["result"][task_id]
+        assert set(status) == {"taskID", "taskState", "taskResult", "code", "message"}
+        assert status["taskID"] == task_id
+        assert status["taskState"] in ("running", "finished")
+        assert isinstance(status["code"], int) and isinstance(status["message"], str)
+        info = raw.rpc("Host.getAllTasksInfo", {"storagepoolID": "pool-0"}, reply_to)
+        assert info["result"][task_id] == {"id": task_id, "verb": "createVolume"}
+        unknown = raw.rpc("Task.clear", {"taskID": "nope", "storagepoolID": "pool-0"}, reply_to)
+        assert unknown["error"]["code"] == 401
+    finally:
+        raw.close()
+    old = RawStomp(served.port)
+    try:
+        command, headers = old.connect(version="1.0")
+        assert command == "ERROR"
+        assert old.closed_by_peer()
+    finally:
+        old.close()
+
+
+def test_client_runs_every_verb_against_the_served_simulator(served: ServedSpm) -> None:
+    assert connected_pools(served.url) == ["pool-0", "pool-1"]
+    client = StompSpmClient(served.url, "pool-1", timeout=10.0, **FAST)
+    try:
+        params = volume_params()
+        task_id = client.fire("createVolume", params)
+        assert client.getAllTasksInfo()[task_id]["verb"] == "createVolume"
+        assert client.getTaskStatus(task_id)["taskState"] == "finished"
+        ledger = client.getLedger()
+        assert {o["vol_uuid"] for o in ledger["objects"] if o["kind"] == "volume"} == {
+            params["volUUID"]
+        }
+        assert ledger["duplicated_effects"] == 0
+        client.revertTask(task_id)
+        assert client.getLedger()["objects"] == []
+        client.clearTask(task_id)
+        assert client.getAllTasksStatuses() == {}
+    finally:
+        client.close()
+
+
+def test_spm_role_taken_away_gives_654_and_calls_succeed_after_spm_start(
+    served: ServedSpm,
+) -> None:
+    client = StompSpmClient(served.url, "pool-0", timeout=10.0, **FAST)
+    other = StompSpmClient(served.url, "pool-1", timeout=10.0, connection=client.connection)
+    try:
+        task_id = client.fire("createVolume", volume_params())
+        client.spmStop()
+        for call in (
+            client.getAllTasksStatuses,
+            client.getAllTasksInfo,
+            lambda: client.getTaskStatus(task_id),
+            lambda: client.clearTask(task_id),
+            lambda: client.fire("createVolume", volume_params()),
+        ):
+            with pytest.raises(NotSpmError) as refused:
+                call()
+            assert refused.value.code == 654
+        assert other.getAllTasksStatuses() == {}  # the other pool keeps its SPM
+        client.spmStart()
+        assert client.getTaskStatus(task_id)["taskState"] == "finished"
+        assert client.fire("createVolume", volume_params())
+    finally:
+        other.close()
+        client.close()
+
+
+def test_killed_server_restarted_client_reconnects_and_tasks_are_recovered(
+    tmp_path: Path,
+) -> None:
+    state = str(tmp_path / "state")
+    first = start_served_spm("--pool", "p", "--state-dir", state)
+    port = first.port
+    client = StompSpmClient(first.url, "p", timeout=10.0, **FAST)
+    servers = [first]
+    try:
+        done_params = volume_params()
+        done = client.fire("createVolume", done_params)
+        assert client.getTaskStatus(done)["taskState"] == "finished"
+        first.kill()
+
+        # Restarted with tasks that run for a minute: the client reconnects by itself.
+        second = start_served_spm(
+            "--pool", "p", "--state-dir", state, "--task-ms", "60000", port=port
+        )
+        servers.append(second)
+        assert client.wait_connected(10)
+        assert client.getTaskStatus(done)["taskResult"] == "success"
+        running = client.fire("createVolume", volume_params())
+        assert client.getTaskStatus(running)["taskState"] == "running"
+
+        # A call in flight when the server dies fails at once, not at its timeout.
+        second.signal(signal.SIGSTOP)
+        with ThreadPoolExecutor(1) as pool:
+            in_flight = pool.submit(client.getAllTasksStatuses)
+            second.kill()
+            killed_at = time.monotonic()
+            with pytest.raises(SpmConnectionError):
+                in_flight.result(timeout=10)
+            assert time.monotonic() - killed_at < 3
+
+        third = start_served_spm("--pool", "p", "--state-dir", state, port=port)
+        servers.append(third)
+        assert client.wait_connected(10)
+        statuses = client.getAllTasksStatuses()
+        assert statuses[done]["taskResult"] == "success"
+        # As VDSM on SPM start: the unfinished task was rolled back, not resumed.
+        assert (statuses[running]["taskState"], statuses[running]["taskResult"]) == (
+            "finished",
+            "cleanSuccess",
+        )
+        volumes = {o["vol_uuid"] for o in client.getLedger()["objects"] if o["kind"] == "volume"}
+        assert volumes == {done_params["volUUID"]}
+        assert client.connection.connects == 3
+    finally:
+        client.close()
+        for server in servers:
+            server.stop()
+            Path(server.stderr_path).unlink(missing_ok=True)
+
+
+def test_calls_time_out_when_the_server_process_stops_answering(served: ServedSpm) -> None:
+    client = StompSpmClient(served.url, "pool-0", timeout=0.5, **FAST)
+    try:
+        assert client.getAllTasksStatuses() == {}
+        served.signal(signal.SIGSTOP)
+        try:
+            for call in (
+                client.getAllTasksStatuses,
+                lambda: client.fire("createVolume", volume_params()),
+                lambda: client.clearTask("t"),
+            ):
+                started = time.monotonic()
+                with pytest.raises((SpmTimeoutError, SpmConnectionError)):
+                    call()
+                assert time.monotonic() - started < 3
+        finally:
+            served.signal(signal.SIGCONT)
+        client.timeout = 10.0
+        deadline = time.monotonic() + 15
+        while True:  # reconnecting if the silence cost the connection: retry until it is back
+            try:
+                client.getAllTasksInfo()
+                break
+            except NotConnectedError:
+                assert time.monotonic() < deadline
+                client.wait_connected(1.0)
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_server_stops_cleanly_on_sigterm_and_sigint(signum: int) -> None:
+    served = start_served_spm("--pools", "1")
+    try:
+        client = StompSpmClient(served.url, "pool-0", timeout=5.0, **FAST)
+        try:
+            assert client.getAllTasksStatuses() == {}
+        finally:
+            client.close()
+        served.signal(signum)
+        assert served.proc.wait(10) == 0
+    finally:
+        served.stop()
+        Path(served.stderr_path).unlink(missing_ok=True)
+
+
+def test_bad_options_exit_2_and_name_the_problem(capsys: pytest.CaptureFixture[str]) -> None:
+    assert serve_main(["--listen", "no-port-here"]) == 2
+    assert serve_main(["--pools", "0"]) == 2
+    assert "--pools" in capsys.readouterr().err
+    assert serve_main(["--pool", "a", "--pool", "a"]) == 2
+    assert serve_main(["--tls-key", "k.pem"]) == 2
+    assert "--tls-cert" in capsys.readouterr().err
+
+
+def test_served_tls_requires_a_client_certificate(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    ca_pem, server_pem, client_pem = (str(tmp_path / n) for n in ("ca", "server", "client"))
+    ca.cert_pem.write_to_path(ca_pem)
+    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(server_pem)
+    ca.issue_cert("engine").private_key_and_cert_chain_pem.write_to_path(client_pem)
+    tls = ("--tls-cert", server_pem, "--tls-key", server_pem, "--tls-ca", ca_pem)
+    with served_spm("--pools", "1", *tls) as served:
+        assert served.url.startswith("stomp+tls://127.0.0.1:")
+        good = StompSpmClient(served.url, "pool-0", ca=ca_pem, cert=client_pem, key=client_pem)
+        try:
+            assert good.getAllTasksStatuses() == {}
+        finally:
+            good.close()
+        anonymous = StompSpmClient(served.url, "pool-0", ca=ca_pem, timeout=5.0, **FAST)
+        try:
+            with pytest.raises(SpmConnectionError):
+                anonymous.getAllTasksStatuses()
+        finally:
+            anonymous.close()
+
+
+def test_chains_finish_over_the_wire_across_a_server_restart(tmp_path: Path) -> None:
+    actors = pytest.importorskip("actors")
+    loadtest = pytest.importorskip("actors._loadtest")
+    seed = 7
+    print(f"seed={seed}")
+    rng = random.Random(seed)
+    state = str(tmp_path / "state")
+    pools = ["pool-0", "pool-1"]
+    first = start_served_spm("--pools", "2", "--task-ms", "20", "--state-dir", state)
+    servers = [first]
+    clients = {p: StompSpmClient(first.url, p, timeout=10.0, **FAST) for p in pools}
+    options = actors.RuntimeOptions(retry_max_s=0.2, poll_max_s=0.2)
+    try:
+        with actors.Runtime(clients, options) as rt:
+            ended = threading.Event()
+            handles = []
+            for i in range(40):
+                spec = loadtest.chain_spec(i, pools[i % 2], 3, rng)
+                handle = rt.submit(spec)
+                handle.add_done_callback(lambda result: ended.set())
+                handles.append((spec, handle))
+            assert ended.wait(60), "no chain ended before the restart"
+            first.kill()
+            second = start_served_spm(
+                "--pools", "2", "--task-ms", "20", "--state-dir", state, port=first.port
+            )
+            servers.append(second)
+            results = [(spec, handle.result(timeout=120)) for spec, handle in handles]
+        outcomes = [r.outcome for _, r in results]
+        print({o: outcomes.count(o) for o in set(outcomes)})
+        assert all(client.connection.connects == 2 for client in clients.values())
+        assert len(outcomes) == 40
+        assert set(outcomes) <= {"ended_successfully", "ended_with_failure"}
+        assert outcomes.count("ended_successfully") > 0
+        failed_images = {
+            (spec.params["sdUUID"], spec.params["imgUUID"])
+            for spec, result in results
+            if not result.succeeded
+        }
+        for client in clients.values():
+            ledger = client.getLedger()
+            assert ledger["duplicated_effects"] == 0, ledger["duplicates"]
+            left = [o for o in ledger["objects"] if (o["sd_uuid"], o["img_uuid"]) in failed_images]
+            assert left == []
+    finally:
+        for client in clients.values():
+            client.close()
+        for server in servers:
+            server.stop()
+            Path(server.stderr_path).unlink(missing_ok=True)
