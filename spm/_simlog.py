@@ -1,0 +1,177 @@
+"""The simulated SPM's durable state: an append-only log of framed msgpack records.
+
+VDSM persists SPM tasks on the pool's master domain; the simulator persists its tasks and its
+storage (the ledger) in one file, ``spm-state.log``, in the directory it is given. Each record is
+a frame: a 4-byte little-endian length, the CRC-32 of the payload, and the msgpack payload.
+
+* A call's records are written with one ``write`` while the simulator holds its lock, so the order
+  in the file is the order of the changes. A record that reached the kernel survives ``kill -9``
+  of the process.
+* :meth:`SimLog.sync_to` then makes them durable with ``fsync`` outside the simulator's lock; one
+  ``fsync`` covers every record written before it (group commit), so concurrent callers share it.
+* On open, :meth:`SimLog.read` returns every complete record. A torn or corrupt tail (the process
+  died mid-write) is cut off at the last good frame, reported, and the file truncated there.
+* :meth:`SimLog.rewrite` replaces the file with a compact snapshot atomically (temporary file,
+  ``fsync``, ``rename``, ``fsync`` of the directory): a crash leaves either the old or the new file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import threading
+import weakref
+import zlib
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Final
+
+import msgpack  # type: ignore[import-untyped]
+
+LOG_NAME: Final = "spm-state.log"
+_HEADER: Final = struct.Struct("<II")
+_MAX_RECORD: Final = 64 * 1024 * 1024
+
+log = logging.getLogger(__name__)
+
+
+def encode(record: Any) -> bytes:
+    """One framed record."""
+    payload: bytes = msgpack.packb(record, use_bin_type=True)
+    return _HEADER.pack(len(payload), zlib.crc32(payload)) + payload
+
+
+def decode_all(data: bytes) -> tuple[list[Any], int]:
+    """Every complete, intact record in ``data`` and the offset just after the last one.
+
+    Stops at the first frame that is cut short, fails its CRC or does not decode: everything
+    after it is the torn tail of a write that never completed.
+    """
+    records: list[Any] = []
+    offset = 0
+    size = len(data)
+    while offset + _HEADER.size <= size:
+        length, crc = _HEADER.unpack_from(data, offset)
+        start = offset + _HEADER.size
+        end = start + length
+        if length > _MAX_RECORD or end > size:
+            break
+        payload = data[start:end]
+        if zlib.crc32(payload) != crc:
+            break
+        try:
+            records.append(msgpack.unpackb(payload, raw=False, use_list=True))
+        except (ValueError, msgpack.UnpackException):
+            break
+        offset = end
+    return records, offset
+
+
+class SimLog:
+    """The log file of one simulated SPM. Not thread-safe for writers: the simulator serialises
+    :meth:`append` under its lock; :meth:`sync_to` may be called from any thread."""
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.path = self.directory / LOG_NAME
+        self._fd: int | None = None
+        self._closer: Any = None
+        self._written = 0
+        self._synced = 0
+        self._sync_lock = threading.Lock()
+        self.truncated_bytes = 0
+        """How many bytes of torn tail :meth:`read` cut off."""
+
+    def read(self) -> list[Any]:
+        """Every complete record in the file (none when there is no file yet).
+
+        A torn tail is cut off: logged as a warning, counted in :attr:`truncated_bytes`, and the
+        file truncated to the last good frame.
+        """
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return []
+        records, good = decode_all(data)
+        if good < len(data):
+            self.truncated_bytes = len(data) - good
+            log.warning("%s: cutting off a torn tail of %d bytes after %d records",
+                        self.path, self.truncated_bytes, len(records))
+            with open(self.path, "r+b") as f:
+                f.truncate(good)
+                f.flush()
+                os.fsync(f.fileno())
+        return records
+
+    def rewrite(self, records: Iterable[Any]) -> None:
+        """Replace the file with ``records``, atomically, and open it for appending."""
+        self.close()
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            chunk: list[bytes] = []
+            for record in records:
+                chunk.append(encode(record))
+                if len(chunk) >= 4096:
+                    f.write(b"".join(chunk))
+                    chunk.clear()
+            f.write(b"".join(chunk))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        self._fsync_directory()
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        # A log dropped without close() (a simulated crash) still releases its descriptor.
+        self._closer = weakref.finalize(self, os.close, self._fd)
+
+    def append(self, records: list[bytes]) -> int:
+        """Write already-encoded frames with one ``write``; return the write's sequence number
+        (to pass to :meth:`sync_to`). Raises OSError when the disk refuses."""
+        if self._fd is None:
+            raise OSError(f"{self.path} is not open")
+        data = b"".join(records)
+        view = memoryview(data)
+        while view:
+            n = os.write(self._fd, view)
+            view = view[n:]
+        self._written += 1
+        return self._written
+
+    @property
+    def written(self) -> int:
+        """The sequence number of the latest :meth:`append`."""
+        return self._written
+
+    def sync_to(self, seq: int) -> None:
+        """Return once every write up to ``seq`` is on disk (one ``fsync`` covers all earlier
+        writes; a caller that finds its writes already synced returns at once)."""
+        if self._synced >= seq:
+            return
+        with self._sync_lock:
+            if self._synced >= seq or self._fd is None:
+                return
+            target = self._written
+            os.fsync(self._fd)
+            if target > self._synced:
+                self._synced = target
+
+    def close(self) -> None:
+        """Close the file (records already appended stay in it)."""
+        with self._sync_lock:
+            if self._fd is not None:
+                try:
+                    os.fsync(self._fd)
+                finally:
+                    if self._closer is not None:
+                        self._closer()
+                    self._fd = None
+                    self._closer = None
+                    self._synced = self._written
+
+    def _fsync_directory(self) -> None:
+        fd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
