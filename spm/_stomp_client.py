@@ -242,11 +242,27 @@ class StompRpcConnection:
 
         While a connection attempt is under way the call waits for it (within its timeout);
         while the client waits to reconnect it fails at once with NotConnectedError.
+        Parameters JSON cannot carry raise GenericError before anything is sent.
         """
         limit = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + limit
         call = _Call()
         req_id = str(uuid.uuid4())
+        try:
+            body = json.dumps(
+                {"jsonrpc": "2.0", "method": method, "params": dict(params), "id": req_id}
+            ).encode("utf-8")
+        except (TypeError, ValueError) as exc:
+            raise GenericError(f"{method}: parameters that JSON cannot carry: {exc}") from None
+        frame = Frame(
+            "SEND",
+            {
+                "destination": self._request_destination,
+                "content-type": "application/json",
+                "reply-to": self.reply_destination,
+            },
+            body,
+        )
         with self._cond:
             while self._state != _CONNECTED:
                 if self._state == _CLOSED:
@@ -264,18 +280,6 @@ class StompRpcConnection:
             stream = self._stream
             assert stream is not None
             self._calls[req_id] = call
-        body = json.dumps(
-            {"jsonrpc": "2.0", "method": method, "params": dict(params), "id": req_id}
-        ).encode("utf-8")
-        frame = Frame(
-            "SEND",
-            {
-                "destination": self._request_destination,
-                "content-type": "application/json",
-                "reply-to": self.reply_destination,
-            },
-            body,
-        )
         try:
             stream.send_frame(frame)
         except ConnectionClosedError:

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -312,14 +311,3 @@ def served_spm(*args: str, port: int = 0, timeout: float = 30.0) -> Iterator[Ser
     finally:
         served.stop()
         Path(served.stderr_path).unlink(missing_ok=True)
-
-
-def wait_until(predicate: Any, timeout: float, interval: float = 0.02) -> bool:
-    """Poll ``predicate`` until true or ``timeout`` passes (for outcomes with no event to wait
-    on, such as a remote process's state)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return bool(predicate())

@@ -632,3 +632,44 @@ def test_request_ids_are_unique_uuids(raw_servers: list[RawServer]) -> None:
         assert all(uuid.UUID(b["id"]) for b in bodies)
     finally:
         client.close()
+
+
+def test_client_reads_frames_split_across_writes_and_batched_in_one(
+    raw_servers: list[RawServer],
+) -> None:
+    def choppy(conn: socket.socket, srv: RawServer) -> None:
+        srv.read_frame(conn)
+        for piece in (b"CONN", b"ECTED\nversion:1", b".2\n\n", b"\x00"):
+            conn.sendall(piece)
+        subscribe = srv.read_frame(conn).decode()
+        reply_to = subscribe.split("destination:")[1].split("\n")[0]
+        answers = b""
+        for _ in range(2):
+            frame = srv.read_frame(conn)
+            body = json.loads(frame[frame.index(b"\n\n") + 2 : frame.rindex(b"\x00")])
+            result = {"taskID": body["params"]["taskID"], "taskState": "finished"}
+            result.update(taskResult="success", code=0, message="done")
+            answer = json.dumps({"jsonrpc": "2.0", "id": body["id"], "result": result}).encode()
+            head = f"MESSAGE\ndestination:{reply_to}\nsubscription:s\ncontent-length:{len(answer)}"
+            answers += b"\n" + head.encode() + b"\n\n" + answer + b"\x00"
+        conn.sendall(answers[:7])  # the first answer split, then the rest of both in one write
+        conn.sendall(answers[7:])
+        srv.read_frame(conn)
+
+    srv = RawServer(choppy)
+    raw_servers.append(srv)
+    client = StompSpmClient(srv.url, "p", timeout=10.0, **FAST)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(client.getTaskStatus, "task-1")
+            second = pool.submit(client.getTaskStatus, "task-2")
+            assert first.result(timeout=10)["taskID"] == "task-1"
+            assert second.result(timeout=10)["taskID"] == "task-2"
+    finally:
+        client.close()
+
+
+def test_parameters_json_cannot_carry_fail_before_sending(client: StompSpmClient) -> None:
+    with pytest.raises(GenericError, match="JSON"):
+        client.fire("createVolume", {"sdUUID": object()})
+    assert client.getAllTasksStatuses() == {}
