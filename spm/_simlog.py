@@ -7,8 +7,9 @@ a frame: a 4-byte little-endian length, the CRC-32 of the payload, and the msgpa
 * A call's records are written with one ``write`` while the simulator holds its lock, so the order
   in the file is the order of the changes. A record that reached the kernel survives ``kill -9``
   of the process.
-* :meth:`SimLog.sync_to` then makes them durable with ``fsync`` outside the simulator's lock; one
-  ``fsync`` covers every record written before it (group commit), so concurrent callers share it.
+* When the simulator is asked to (``fsync=True``), :meth:`SimLog.sync_to` then makes them durable
+  against a power loss with ``fsync`` outside the simulator's lock; one ``fsync`` covers every
+  record written before it (group commit), so concurrent callers share it.
 * On open, :meth:`SimLog.read` returns every complete record. A torn or corrupt tail (the process
   died mid-write) is cut off at the last good frame, reported, and the file truncated there.
 * :meth:`SimLog.rewrite` replaces the file with a compact snapshot atomically (temporary file,

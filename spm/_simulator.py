@@ -33,8 +33,9 @@ The SPM role: :meth:`SimulatedSpm.spm_stop` makes every SpmClient call raise ``N
 (654) and freezes the tasks; :meth:`SimulatedSpm.spm_start` takes the role back and reloads the
 tasks as VDSM does on SPM start — finished ones stay to be polled and cleared, unfinished ones are
 aborted and rolled back (ending ``finished``/``cleanSuccess``, no effect left), never resumed.
-With ``state_dir`` the tasks and the storage are persisted (:mod:`spm._simlog`) and a new
-simulator on the same directory recovers the same way, whatever moment the old process died at.
+With ``state_dir`` the tasks and the storage are persisted (:mod:`spm._simlog`) before each call
+returns, and a new simulator on the same directory recovers the same way, whatever moment the old
+process was killed at.
 """
 
 from __future__ import annotations
@@ -375,6 +376,11 @@ class SimulatedSpm(SpmClient):
     :meth:`getAllTasksStatuses` and :meth:`getTaskStatus` are shared with the simulator's cache
     and must not be mutated (each call returns a new outer dict).
 
+    With ``state_dir``, every call writes its changes to the directory's log before it returns
+    (one ``write``: they survive ``kill -9`` of the process at any moment). ``fsync=True`` also
+    waits for them to reach the disk (group-committed ``fsync``: survives a power loss too, at
+    the disk's flush latency per call); the default leaves that to the kernel.
+
     Raises ValueError from the constructor when an argument is wrong (the message names it), and
     OSError when ``state_dir`` cannot be used.
     """
@@ -392,6 +398,7 @@ class SimulatedSpm(SpmClient):
         resource_timeout: float = 120.0,
         rollback_duration: float = 0.0,
         state_dir: str | os.PathLike[str] | None = None,
+        fsync: bool = False,
     ) -> None:
         if not isinstance(pool, str) or not pool:
             raise ValueError(f"pool must be a non-empty string, got {pool!r}")
@@ -460,6 +467,7 @@ class SimulatedSpm(SpmClient):
         self._lock_timeouts = 0
 
         self._log: SimLog | None = None
+        self._fsync = bool(fsync)
         self._pending: list[bytes] = []
         epoch = 0
         if state_dir is not None:
@@ -582,18 +590,15 @@ class SimulatedSpm(SpmClient):
     def clearTask(self, task_id: str) -> None:  # noqa: N802
         """Forget a task that is done. Raises TaskStateError (410) while it is not, and
         UnknownTaskError (401) / NotSpmError (654) as :meth:`getTaskStatus` does.
-
-        With ``state_dir`` the clear is written before this returns (it survives ``kill -9``) but
-        not waited for with ``fsync``: the next call that syncs covers it, so a power loss right
-        after may bring the finished task back, as a VDSM crash before its task directory was
-        removed would.
         """
         with self._lock:
             try:
                 self._enter(spm=True)
                 self._clear(task_id)
             finally:
-                self._leave()
+                seq = self._leave()
+        if seq:
+            self._sync(seq)
 
     def _clear(self, task_id: str) -> None:
         task = self._get(task_id)
@@ -779,14 +784,14 @@ class SimulatedSpm(SpmClient):
 
     def _leave(self) -> int:
         """With the lock held: write this call's records; return the sequence to sync (0 when
-        there is no log)."""
+        there is no log or no ``fsync``)."""
         log = self._log
         if log is None:
             return 0
         if self._pending:
             log.append(self._pending)
             self._pending = []
-        return log.written
+        return log.written if self._fsync else 0
 
     def _sync(self, seq: int) -> None:
         """Without the lock: wait until the records up to ``seq`` are on disk."""

@@ -110,6 +110,19 @@ def test_closed_simulator_reopens_with_the_same_tasks_and_storage(tmp_path: Path
         again.close()
 
 
+def test_with_fsync_every_answer_is_synced_and_reloads_the_same(tmp_path: Path) -> None:
+    spm = SimulatedSpm(POOL, clock=FakeClock(), state_dir=tmp_path, fsync=True)
+    done = spm.fire("createVolume", create("img-1", "vol-1"))
+    assert wire(spm, done) == SUCCESS
+    cleared = spm.fire("createVolume", create("img-2", "vol-1"))
+    assert wire(spm, cleared) == SUCCESS
+    spm.clearTask(cleared)
+    crash(spm)
+    restarted = SimulatedSpm(POOL, clock=FakeClock(), state_dir=tmp_path, fsync=True)
+    assert set(restarted.getAllTasksStatuses()) == {done}
+    assert len(restarted.objects()) == 4
+
+
 def test_revert_in_progress_at_the_crash_completes_on_restart(tmp_path: Path) -> None:
     spm = SimulatedSpm(POOL, clock=FakeClock(), rollback_duration=10.0, state_dir=tmp_path)
     tid = spm.fire("createVolume", create("img-1", "vol-1"))
