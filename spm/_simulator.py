@@ -19,7 +19,10 @@ How a task moves (every move checked against VDSM's table, :mod:`spm._simstate`)
   queue; a full queue refuses the verb (405, VDSM's ``AddTaskError``).
 * start: queued → running, holding a worker. The job takes its image locks in VDSM's sorted order;
   a lock held by another task makes it wait, still holding its worker, until the lock frees (FIFO
-  per resource) or ``resource_timeout`` passes (the job fails with 851).
+  per resource) or ``resource_timeout`` passes (the job fails with 851). The internal state stays
+  ``running`` while it waits (:meth:`SimulatedSpm.lock_wait` tells what for): VDSM's jobs take
+  these locks inside the job (``sp.py``), and its table has no move from queued back to
+  acquiring.
 * end: the verb's preconditions are checked on the storage and its effect applied: running →
   finished (``finished``/``success``, code 0, "1 jobs completed successfully"). A failed
   precondition, an injected failure, a resource timeout or ``stopTask`` instead abort the job:
