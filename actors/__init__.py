@@ -27,6 +27,13 @@ from actors._runtime import (
     RuntimeOptions,
     RuntimeStoppedError,
 )
+from actors._snapshot import (
+    SCHEMA_VERSION,
+    SnapshotError,
+    SnapshotErrorReason,
+    decode_snapshot,
+    encode_snapshot,
+)
 from actors._spec import (
     ChainSpec,
     ChainSpecError,
@@ -35,12 +42,25 @@ from actors._spec import (
     StepSpec,
     register_command,
 )
+from actors._store import (
+    QuarantinedSnapshot,
+    SnapshotCounts,
+    SnapshotReader,
+    SnapshotStore,
+    StoredSnapshot,
+    StoreError,
+    StoreStats,
+    StoreTimeoutError,
+)
+from actors._store_memory import MemoryStore
+from actors._store_sqlite import SqliteStore, open_readonly
 from actors._supervisor import DEFAULT_SUPERVISION, ChildSpec
 
 __all__ = [
     "DEFAULT_SUPERVISION",
     "ENDED_SUCCESSFULLY",
     "ENDED_WITH_FAILURE",
+    "SCHEMA_VERSION",
     "ChainHandle",
     "ChainResult",
     "ChainSpec",
@@ -50,13 +70,28 @@ __all__ = [
     "Command",
     "FaultInjector",
     "InjectedFault",
+    "MemoryStore",
     "PooledActor",
+    "QuarantinedSnapshot",
     "Runtime",
     "RuntimeOptions",
     "RuntimeStoppedError",
+    "SnapshotCounts",
+    "SnapshotError",
+    "SnapshotErrorReason",
+    "SnapshotReader",
+    "SnapshotStore",
+    "SqliteStore",
     "StepRecord",
     "StepResult",
     "StepSpec",
+    "StoreError",
+    "StoreStats",
+    "StoreTimeoutError",
+    "StoredSnapshot",
     "WorkerPool",
+    "decode_snapshot",
+    "encode_snapshot",
+    "open_readonly",
     "register_command",
 ]

@@ -93,6 +93,7 @@ class StepRecord:
     revert_attempts: int = 0
     revert_code: int = 0
     revert_message: str = ""
+    old_revert_task_ids: tuple[str, ...] = ()  # earlier revert attempts' tasks
 
     def result(self) -> StepResult:
         assert self.task_id is not None
@@ -103,9 +104,10 @@ class StepRecord:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> StepRecord:
-        kw = {f: data[f] for f in _RECORD_FIELDS}
+        kw = {f: data[f] for f in _RECORD_FIELDS if f in data}
         kw["exclusive"] = tuple(kw["exclusive"])
         kw["shared"] = tuple(kw["shared"])
+        kw["old_revert_task_ids"] = tuple(kw.get("old_revert_task_ids", ()))
         return cls(**kw)
 
 
@@ -365,6 +367,8 @@ def transition(
     effect, except a duplicate TaskEnded, answered with AckTask. A ``next_step`` that raises or
     returns something that is not a valid StepSpec fails the chain with the error as reason.
     """
+    if state.phase == "ended":
+        return _after_end(state, event)
     if isinstance(event, TaskEnded):
         return _on_task_ended(state, event, command)
     if isinstance(event, TaskFired):
@@ -386,6 +390,29 @@ def transition(
     if isinstance(event, ZombieTask):
         return _on_zombie(state, event)
     raise TypeError(f"not a chain event: {event!r}")
+
+
+def _after_end(state: ChainState, event: Event) -> tuple[ChainState, list[Effect]]:
+    """An ended chain changes no more. A task it hears of for the first time is discarded (not
+    its to keep); a report of a task it knew is acknowledged so that it is cleared."""
+    if isinstance(event, TaskFired):
+        if event.task_id in _known_tasks(state):
+            return state, _NO_EFFECTS
+        return state, [DiscardTask(event.task_id)]
+    if isinstance(event, TaskEnded) and event.task_id in _known_tasks(state):
+        return state, [AckTask(event.task_id)]
+    return state, _NO_EFFECTS
+
+
+def _known_tasks(state: ChainState) -> set[str]:
+    known: set[str] = set()
+    for s in state.steps:
+        if s.task_id:
+            known.add(s.task_id)
+        if s.revert_task_id:
+            known.add(s.revert_task_id)
+        known.update(s.old_revert_task_ids)
+    return known
 
 
 def _set_step(state: ChainState, rec: StepRecord, **changes: Any) -> tuple[ChainState, StepRecord]:
@@ -493,6 +520,8 @@ def _on_task_ended(
 ) -> tuple[ChainState, list[Effect]]:
     rec, is_revert = _find_task(state, ev.task_id)
     if rec is None:
+        if ev.task_id in _known_tasks(state):
+            return state, [AckTask(ev.task_id)]  # an earlier revert attempt, reported again
         return state, _NO_EFFECTS
     ack: list[Effect] = [AckTask(ev.task_id)]
     if is_revert:
@@ -516,7 +545,7 @@ def _on_task_ended(
         new, rec = _set_step(
             state, rec, status="succeeded", code=ev.code, message=ev.message, ended_at=ev.now
         )
-        if new.phase != "running":  # pragma: no cover - a running step implies phase running
+        if new.phase != "running":
             return new, ack
         if new.cancel_reason is not None:
             new, effects = _fail(new, new.cancel_reason, ev.now)
@@ -557,6 +586,9 @@ def _on_lost(state: ChainState, ev: TaskLost) -> tuple[ChainState, list[Effect]]
 
 def _on_zombie(state: ChainState, ev: ZombieTask) -> tuple[ChainState, list[Effect]]:
     rec, is_revert = _find_task(state, ev.task_id)
+    if rec is not None and is_revert and rec.revert_status == "running":
+        # A revert stuck past the task timeout: stop it; it fails and is fired again.
+        return state, [StopTask(ev.task_id)]
     if rec is None or is_revert or rec.status != "running" or rec.stop_sent:
         return state, _NO_EFFECTS
     new, rec = _set_step(state, rec, stop_sent=True)
@@ -632,8 +664,12 @@ def _fire_revert(state: ChainState, rec: StepRecord) -> tuple[ChainState, list[E
     verb = rec.revert_verb
     assert verb is not None
     attempt = rec.revert_attempts + 1
+    old = rec.old_revert_task_ids
+    if rec.revert_task_id is not None:
+        old = (*old, rec.revert_task_id)
     new, rec = _set_step(
-        state, rec, revert_status="submitting", revert_task_id=None, revert_attempts=attempt
+        state, rec, revert_status="submitting", revert_task_id=None, revert_attempts=attempt,
+        old_revert_task_ids=old,
     )
     params = rec.revert_params if rec.revert_params is not None else rec.params
     return new, [
@@ -715,12 +751,16 @@ def _on_tick(state: ChainState, ev: Tick) -> tuple[ChainState, list[Effect]]:
 def resume_effects(state: ChainState) -> list[Effect]:
     """What a rebuilt CommandActor must (re)do to move ``state`` on after a restart.
 
-    A pending hook runs again; a step or revert still being submitted is fired again (the SPM
-    is asked first by the SpmTaskActor, see RULES in DESIGN.md); a running task is re-adopted by
-    the caller from :meth:`ChainState.in_flight`. An ended chain does nothing.
+    Effects recorded before the restart may or may not have been performed; every effect here
+    is safe to perform again. A pending hook runs again (hooks are at-least-once); a step or
+    revert still being submitted is asked for again (the SpmTaskActor fires a (chain, ref) at
+    most once, and recovery resolves the window between sending and recording the task id from
+    the SPM before this runs); a stop that was decided is sent again; an ended chain reports
+    its end. Running tasks are re-adopted by the caller from :meth:`ChainState.in_flight`.
     """
     if state.phase == "ended":
-        return []
+        assert state.outcome is not None
+        return [ChainEnded(state.outcome, state.reason)]
     if state.phase == "new":
         return []
     if state.hook is not None:
@@ -734,6 +774,8 @@ def resume_effects(state: ChainState) -> list[Effect]:
                 assert rec.revert_verb is not None
                 params = rec.revert_params if rec.revert_params is not None else rec.params
                 effects.append(FireTask(ref, rec.revert_verb, params, rec.exclusive, rec.shared))
+        elif ref[0] == "step" and rec.stop_sent:
+            effects.append(StopTask(task_id))
     return effects
 
 

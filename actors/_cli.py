@@ -110,6 +110,10 @@ def _add_loadtest(sub: Any) -> None:
     p.add_argument("--spm", metavar="URL", default=None,
                    help="use the SPM at stomp://HOST:PORT or stomp+tls://HOST:PORT instead of "
                         "in-process simulators")
+    p.add_argument("--store", default="temp", metavar="PATH|memory|none",
+                   help="where chain snapshots go: an SQLite file (durable), 'memory' (taken, "
+                        "not durable) or 'none'; default: a durable SQLite file in a temporary "
+                        "directory")
     p.add_argument("--timeout", type=_positive_float, default=600.0,
                    help="give up after this many seconds (default 600)")
     p.add_argument("--json", metavar="FILE", default=None, help="write the report as JSON")
@@ -143,6 +147,7 @@ def _loadtest(args: argparse.Namespace) -> int:
         spm_queue=args.spm_queue, max_outstanding=args.max_outstanding,
         poll_min_ms=args.poll_min_ms, poll_max_ms=args.poll_max_ms,
         command_workers=args.command_workers, timeout_s=args.timeout, spm_url=args.spm,
+        store=None if args.store == "none" else args.store,
     )
     report = run_loadtest(cfg)
     print(summary_table(report))

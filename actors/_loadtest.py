@@ -15,6 +15,7 @@ import platform
 import random
 import resource
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -43,6 +44,8 @@ class LoadtestConfig:
     command_workers: int = 2
     timeout_s: float = 600.0
     spm_url: str | None = None
+    store: str | None = "temp"   # "temp" (a durable SQLite file in a temporary directory),
+                                  # a path, "memory" (not durable) or None (no snapshots)
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -183,7 +186,12 @@ def run_loadtest(
                 all_done.set()
 
     progress = _Progress(cfg.chains, out, progress_every_s)
-    rt = Runtime(spms, options)
+    tmpdir = None
+    store: str | None = cfg.store
+    if store == "temp":
+        tmpdir = tempfile.TemporaryDirectory(prefix="spmchain-loadtest-")
+        store = os.path.join(tmpdir.name, "snapshots.sqlite")
+    rt = Runtime(spms, options, store=store)
     rt.add_done_callback(on_end)
     steps_before = _steps_fired(rt)
     t0 = time.perf_counter()
@@ -206,6 +214,9 @@ def run_loadtest(
         steps = _steps_fired(rt) - steps_before
         progress.show(counts["ok"] + counts["failed"], counts["failed"], steps, final=True)
         live = len(rt.chains())
+        store_stats = rt.store.stats() if rt.store is not None else None
+    if tmpdir is not None:
+        tmpdir.cleanup()
     report: dict[str, Any] = {
         "chains": cfg.chains,
         "steps": cfg.steps,
@@ -221,6 +232,8 @@ def run_loadtest(
         "peak_rss_mib": round(peak_rss_mib(), 1),
         "failure_reasons": reasons,
         "live_chains_at_end": live,
+        "store": cfg.store if cfg.store != "temp" else "sqlite (temporary file)",
+        "store_commits": store_stats.commits if store_stats else 0,
         "machine": machine(),
         "config": {
             "task_ms": cfg.task_ms, "fail_rate": cfg.fail_rate, "seed": cfg.seed,
@@ -276,10 +289,11 @@ def _ledger_view(client: SpmClient) -> tuple[int, list[tuple[str, str]]] | None:
         return int(summary["duplicated_effects"]), [
             (o["sd_uuid"], o["img_uuid"]) for o in summary["objects"]
         ]
-    ledger = getattr(client, "ledger", None)
-    if ledger is None:
+    objects = getattr(client, "objects", None)
+    duplicated = getattr(client, "duplicated_effects", None)
+    if not (callable(objects) and callable(duplicated)):
         return None
-    return ledger.duplicate_count(), [(o.sd_uuid, o.img_uuid) for o in ledger.objects()]
+    return int(duplicated()), [(o.sd_uuid, o.img_uuid) for o in objects()]
 
 
 def write_json(report: dict[str, Any], path: str) -> None:

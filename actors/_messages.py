@@ -22,6 +22,7 @@ class FireRequest:
     exclusive: tuple[str, ...]
     shared: tuple[str, ...]
     seen_at: float | None = None
+    task_timeout_s: float = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +38,7 @@ class Adopt:
     verb: str
     exclusive: tuple[str, ...]
     shared: tuple[str, ...]
+    task_timeout_s: float = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +77,7 @@ class Watched:
     chain_id: str | None  # None: an orphan being discarded (reported to the SpmTaskActor)
     verb: str
     fired_at: float
+    timeout_s: float = 3600.0  # running longer than this makes it a zombie
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,6 +41,7 @@ class _Watch:
     chain_id: str | None
     verb: str
     fired_at: float
+    timeout_s: float
     ended: bool = False
     succeeded: bool = False
     code: int = 0
@@ -52,7 +53,7 @@ class _Watch:
 
 class PollerActor(ThreadActor):
 
-    def __init__(self, core: _Core, pool: str, restarted: bool = False) -> None:
+    def __init__(self, core: _Core, pool: str) -> None:
         super().__init__()
         self.core = core
         self.pool = pool
@@ -62,8 +63,6 @@ class PollerActor(ThreadActor):
         self.max_s = opts.poll_max_s
         self.redeliver_s = opts.redeliver_s
         self.orphan_grace_s = opts.orphan_grace_s
-        self.task_timeout_s = opts.task_timeout_s
-        self.restarted = restarted
         self.interval = self.min_s
         self.generation = 0
         self.next_tick_at = 0.0
@@ -76,8 +75,6 @@ class PollerActor(ThreadActor):
         self._error_logged_at = 0.0
 
     def on_start(self) -> None:
-        if self.restarted:
-            self.core.reannounce(self.pool)
         self._schedule(0.0)
 
     def on_failure(
@@ -123,7 +120,7 @@ class PollerActor(ThreadActor):
             w = self.watched.get(t.task_id)
             self.unowned.pop(t.task_id, None)
             if w is None or w.chain_id is None:
-                self.watched[t.task_id] = _Watch(t.chain_id, t.verb, t.fired_at)
+                self.watched[t.task_id] = _Watch(t.chain_id, t.verb, t.fired_at, t.timeout_s)
             elif w.ended:
                 # Re-adopted after it ended (a restarted SpmTaskActor): it needs to hear again
                 # that the slot is free, and the chain needs the outcome again.
@@ -182,6 +179,8 @@ class PollerActor(ThreadActor):
                     changed = True
                     if w.chain_id is not None:
                         lost.append((w.chain_id, task_id))
+                    else:
+                        orphans_ended.append((task_id, False))  # gone: nothing to revert
                 continue
             w.misses = 0
             try:
@@ -214,7 +213,14 @@ class PollerActor(ThreadActor):
         for task_id, ok in orphans_ended:
             core.tell_task_actor(self.pool, m.OrphanEnded(task_id, ok))
         for chain_id, event in deliveries:
-            core.tell_chain(chain_id, event, seen_at=now)
+            if not core.tell_chain(chain_id, event, seen_at=now):
+                # Its chain has ended: it recorded the outcome before ending (clear the task),
+                # or ended without it and discarded the task (stop, revert, clear).
+                if core.task_owners.get(event.task_id) is not None:
+                    core.tell_task_actor(self.pool, m.Ack(chain_id, event.task_id))
+                else:
+                    core.tell_task_actor(self.pool, m.Discard(
+                        event.task_id, f"its chain {chain_id} ended without its outcome"))
         for chain_id, task_id in lost:
             logger.warning(
                 "pool %s: task %s of chain %s is unknown to the SPM",
@@ -235,9 +241,8 @@ class PollerActor(ThreadActor):
     def _sweep(self, statuses: dict[str, TaskStatus], now: float, wall: float) -> None:
         """Zombies among the watched tasks; orphans among the SPM's."""
         core = self.core
-        deadline = now - self.task_timeout_s
         for task_id, w in self.watched.items():
-            if w.ended or w.zombie_told or w.chain_id is None or w.fired_at > deadline:
+            if w.ended or w.zombie_told or w.chain_id is None or now - w.fired_at < w.timeout_s:
                 continue
             w.zombie_told = True
             core.metrics.zombie_task(self.pool)

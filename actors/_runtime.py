@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import uuid
@@ -14,16 +15,21 @@ import pykka
 
 from actors import _chain as ch
 from actors import _messages as m
-from actors._command import CommandActor
+from actors._command import CommandActor, _Durable
 from actors._faults import FaultInjector
 from actors._poller import PollerActor
 from actors._pool import WorkerPool
+from actors._snapshot import SnapshotError, decode_snapshot, encode_snapshot
 from actors._spec import ChainSpec, ChainSpecError, validate_spec
 from actors._spm_task import SpmTaskActor
+from actors._store import GroupCommitStore, SnapshotStore, StoreError
+from actors._store_memory import MemoryStore
+from actors._store_sqlite import SqliteStore
 from actors._supervisor import DEFAULT_SUPERVISION, ChildSpec, SupervisorActor
 from actors._timer import Scheduler
 from metrics._metrics import RuntimeMetrics
 from spm._client import SpmClient
+from spm._errors import SpmError
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -72,6 +78,7 @@ class RuntimeOptions:
     command_workers: int = 2
     retry_min_s: float = 0.05
     retry_max_s: float = 2.0
+    recovery_timeout_s: float = 60.0
     supervision: tuple[ChildSpec, ...] = DEFAULT_SUPERVISION
     fault_rates: Mapping[str, float] = field(default_factory=dict)
     fault_seed: int | None = None
@@ -92,7 +99,8 @@ class RuntimeOptions:
                 f"{self.command_workers!r}"
             )
         for name in ("poll_min_s", "poll_max_s", "redeliver_s", "orphan_grace_s",
-                     "deadline_s", "task_timeout_s", "retry_min_s", "retry_max_s"):
+                     "deadline_s", "task_timeout_s", "retry_min_s", "retry_max_s",
+                     "recovery_timeout_s"):
             positive(name, getattr(self, name))
         if self.poll_max_s < self.poll_min_s:
             raise ValueError(
@@ -179,8 +187,16 @@ class _Core:
     """What the actors share: the directory of actors, the clock, metrics, options."""
 
     def __init__(self, rt: Runtime, spms: dict[str, SpmClient], options: RuntimeOptions,
-                 metrics: RuntimeMetrics) -> None:
+                 metrics: RuntimeMetrics, store: SnapshotStore | None) -> None:
         self.rt = rt
+        self.store = store
+        self.orphans: dict[str, list[str]] = {}  # pool -> tasks found unowned at recovery
+        self.recovery_acked: dict[str, list[str]] = {}  # pool -> ended chains' tasks to clear
+        # Every task fired and not yet cleared -> the chain that owns it, or None once the
+        # chain ended without learning its outcome (it discarded the task). Kept here, not in
+        # an actor, so that a restarted SpmTaskActor or PollerActor can tell a task whose chain
+        # ended (clear it) from an orphan (stop, revert, clear).
+        self.task_owners: dict[str, str | None] = {}
         self.spms = spms
         self.options = options
         self.metrics = metrics
@@ -195,14 +211,19 @@ class _Core:
 
     # -- telling -----------------------------------------------------------------------------
 
-    def tell_chain(self, chain_id: str, event: Any, seen_at: float | None = None) -> None:
+    def tell_chain(self, chain_id: str, event: Any, seen_at: float | None = None) -> bool:
+        """Tell a live chain; False when it is not live (ended, or unknown). A chain being
+        rebuilt counts as live: the message is dropped and the rebuilt actor asks again."""
         entry = self.chains.get(chain_id)
-        if entry is None or entry.ref is None:
-            return  # ended, or being rebuilt: the rebuilt actor asks again
+        if entry is None:
+            return False
+        if entry.ref is None:
+            return True
         try:
             entry.ref.tell(event)
         except pykka.ActorDeadError:
             pass
+        return True
 
     def tell_task_actor(self, pool: str, message: Any) -> None:
         ref = self.task_actors.get(pool)
@@ -237,14 +258,37 @@ class _Core:
         """Record ``state``. True when the effects were handed on to be performed once the
         record is durable; False when the caller performs them now."""
         entry.state = state
-        return False
+        store = self.store
+        if store is None:
+            return False
+        blob = encode_snapshot(state.to_dict())
+        callback = None
+        if effects:
+            ref = actor.actor_ref
+
+            def callback() -> None:
+                try:
+                    ref.tell(_Durable(effects, seen_at))
+                except pykka.ActorDeadError:
+                    pass  # the rebuilt actor redoes what is safe to redo (resume_effects)
+
+        try:
+            store.save(entry.chain_id, blob, ended=state.ended, on_durable=callback)
+        except StoreError as exc:
+            # Nothing may happen that is not recorded: the effects are dropped with the actor.
+            self.escalate(f"the snapshot store failed: {exc}")
+            raise
+        return True
 
     def chain_ended(self, entry: _Entry, state: ch.ChainState) -> None:
         self.chains.pop(entry.chain_id, None)
+        for _ref, task_id, _rec in state.in_flight():
+            if task_id is not None and task_id in self.task_owners:
+                self.task_owners[task_id] = None  # discarded by the chain's end
         assert state.outcome is not None
         self.metrics.chain_ended(state.outcome, state.spec.command_type)  # type: ignore[arg-type]
-        log = logger.info if state.outcome == ch.ENDED_SUCCESSFULLY else logger.warning
-        log("chain %s %s%s", entry.chain_id, state.outcome,
+        # A chain that ends with failure is business as usual (it was reverted); INFO, not WARNING.
+        logger.info("chain %s %s%s", entry.chain_id, state.outcome,
             f": {state.reason}" if state.reason else "",
             extra={"chain_id": entry.chain_id, "pool": entry.pool})
         self.rt._finish(entry.handle, ChainResult(entry.chain_id, state.outcome, state.reason,
@@ -260,9 +304,12 @@ class _Core:
         except pykka.ActorDeadError:
             pass
 
-    def start_pool_actors(self, pool: str, restarted: bool) -> None:
-        self.task_actors[pool] = SpmTaskActor.start(self, pool, restarted)
-        self.pollers[pool] = PollerActor.start(self, pool, restarted)
+    def start_pool_actors(self, pool: str) -> None:
+        # The poller first: the SpmTaskActor's on_start may already watch recovery orphans.
+        self.pollers[pool] = PollerActor.start(self, pool)
+        self.task_actors[pool] = SpmTaskActor.start(
+            self, pool, self.orphans.pop(pool, []), self.recovery_acked.pop(pool, [])
+        )
 
     def restart(self, kind: str, key: str, strategy: str) -> None:
         self.metrics.actor_restarted(kind)
@@ -270,18 +317,39 @@ class _Core:
             self._restart_chain(key)
             return
         pool = key
-        if kind == "spm_task" or strategy == "one_for_pool":
-            _stop_quietly(self.task_actors.get(pool))
-            self.task_actors[pool] = SpmTaskActor.start(self, pool, True)
         if kind == "poller" or strategy == "one_for_pool":
             _stop_quietly(self.pollers.get(pool))
-            self.pollers[pool] = PollerActor.start(self, pool, True)
+            self.pollers[pool] = PollerActor.start(self, pool)
+        if kind == "spm_task" or strategy == "one_for_pool":
+            _stop_quietly(self.task_actors.get(pool))
+            self.task_actors[pool] = SpmTaskActor.start(self, pool)
+        # Only now that the new actor is reachable: every live chain of the pool says again
+        # what it has in flight (Adopt) and what it still wants fired (FireRequest).
+        self.reannounce(pool)
 
     def _restart_chain(self, chain_id: str) -> None:
+        """Rebuild a failed CommandActor from its snapshot (its last recorded state)."""
         entry = self.chains.get(chain_id)
         if entry is None:
             return
-        self.start_chain_actor(entry, entry.state)
+        entry.ref = None  # messages for it are dropped until the rebuilt actor asks again
+        state = entry.state
+        store = self.store
+        if store is not None:
+            store.flush(timeout=30.0)
+            blob = store.load(chain_id)
+            if blob is not None:
+                try:
+                    state = ch.ChainState.from_dict(decode_snapshot(blob))
+                except (SnapshotError, KeyError, TypeError, ValueError) as exc:
+                    self.metrics.snapshot_quarantined()
+                    store.quarantine(chain_id, blob, f"does not decode: {exc}", timeout=30.0)
+                    logger.error("chain %s: snapshot quarantined: %s", chain_id, exc,
+                                 extra={"chain_id": chain_id, "pool": entry.pool})
+                    self.chains.pop(chain_id, None)
+                    return
+        entry.state = state
+        self.start_chain_actor(entry, state)
 
     def start_chain_actor(self, entry: _Entry, state: ch.ChainState) -> None:
         command = state.spec.make_command()
@@ -307,7 +375,10 @@ class Runtime:
     ``spms`` gives one :class:`~spm.SpmClient` per pool (a mapping pool → client, or clients
     whose ``pool`` attribute names it). Use it as a context manager, or call :meth:`start` and
     :meth:`stop`. ``metrics`` defaults to a new :class:`~metrics.RuntimeMetrics` on a registry of
-    its own.
+    its own. ``store`` keeps each chain's snapshot so that chains survive a crash: a
+    :class:`~actors.SnapshotStore`, a file path (an SQLite store, created if needed),
+    ``"memory"`` (a MemoryStore: snapshots taken, not durable) or None (no snapshots). At
+    :meth:`start` every chain the store holds that has not ended is recovered and goes on.
     """
 
     def __init__(
@@ -316,6 +387,7 @@ class Runtime:
         options: RuntimeOptions | None = None,
         *,
         metrics: RuntimeMetrics | None = None,
+        store: SnapshotStore | str | os.PathLike[str] | None = None,
     ) -> None:
         if isinstance(spms, Mapping):
             by_pool = dict(spms)
@@ -343,6 +415,13 @@ class Runtime:
         self._stopped_reason: str | None = None
         self._started = False
         self._submit_lock = threading.Lock()
+        self._store_arg = store
+        self.store: SnapshotStore | None = None
+        self._owns_store = False
+        self._store_had_rows = False
+        self.recovered: list[ChainHandle] = []
+        self._ended_task_index: dict[str, bool] | None = None
+        self.quarantined = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -351,13 +430,209 @@ class Runtime:
         if self._started:
             raise RuntimeError("this Runtime was already started")
         self._started = True
-        core = _Core(self, self._spms, self.options, self.metrics)
+        store = self._open_store()
+        core = _Core(self, self._spms, self.options, self.metrics, store)
         self._core = core
+        try:
+            recovered = self._load_recovered(core) if store is not None else []
+        except BaseException:
+            self._close_store()
+            core.scheduler.stop()
+            core.workers.shutdown()
+            raise
         core.supervisor = SupervisorActor.start(core, self.options.supervision)
         for pool in self.pools:
             self.metrics.declare_pool(pool)
-            core.start_pool_actors(pool, restarted=False)
+            core.start_pool_actors(pool)
+        for state in recovered:
+            handle = ChainHandle(self, state.chain_id, state.spec.pool)
+            entry = _Entry(state.chain_id, state.spec.pool, state, handle)
+            core.chains[state.chain_id] = entry
+            self.recovered.append(handle)
+            self.metrics.chain_resumed(state.spec.command_type)
+        for handle in self.recovered:
+            entry = core.chains[handle.chain_id]
+            core.start_chain_actor(entry, entry.state)
+        if recovered:
+            logger.info("recovered %d chains from the snapshot store", len(recovered))
         return self
+
+    # -- durability --------------------------------------------------------------------------
+
+    def _open_store(self) -> SnapshotStore | None:
+        arg = self._store_arg
+        metrics = self.metrics
+        on_commit = metrics.snapshot_commit
+
+        def on_failure(exc: BaseException) -> None:
+            core = self._core
+            if core is not None:
+                core.escalate(f"the snapshot store failed: {exc!r}")
+
+        store: SnapshotStore | None
+        if arg is None:
+            store = None
+        elif isinstance(arg, SnapshotStore):
+            store = arg
+            if isinstance(store, GroupCommitStore):
+                if store._on_commit is None:
+                    store._on_commit = on_commit
+                if store._on_failure is None:
+                    store._on_failure = on_failure
+        elif arg == "memory":
+            store = MemoryStore(on_commit=on_commit, on_failure=on_failure)
+            self._owns_store = True
+        else:
+            store = SqliteStore(arg, on_commit=on_commit, on_failure=on_failure)
+            self._owns_store = True
+        self.store = store
+        if store is not None:
+            counts = store.counts()
+            self._store_had_rows = (counts.live + counts.ended) > 0
+        return store
+
+    def _close_store(self) -> None:
+        store = self.store
+        if store is not None and self._owns_store:
+            try:
+                store.close(timeout=30.0)
+            except StoreError as exc:
+                logger.error("closing the snapshot store failed: %s", exc)
+
+    def flush(self, timeout: float | None = 30.0) -> None:
+        """Wait until every chain's last recorded state is durable in the store (a no-op
+        without a store). Raises StoreError (StoreTimeoutError after ``timeout``)."""
+        if self.store is not None:
+            self.store.flush(timeout)
+
+    def _load_recovered(self, core: _Core) -> list[ch.ChainState]:
+        """Every chain the store holds that has not ended, resolved against the SPMs.
+
+        A snapshot that does not decode (or names a pool or command this runtime does not
+        have) is quarantined: kept aside, counted, logged; the rest go on. Then, per pool,
+        the SPM's task list (``getAllTasksInfo``) settles what each chain had in flight:
+
+        - a step or revert recorded as being fired but without a task id (the process died
+          between sending the verb and recording the answer) adopts the one unowned task of
+          the same verb and parameters, when the SPM tells the parameters and exactly one task
+          matches; otherwise it is fired again, after the unowned tasks were discarded;
+        - a task recorded as running that the SPM no longer knows is lost: the chain treats
+          the step's outcome as unknown, fails and reverts it with the others;
+        - every task on the SPM that no chain owns is an orphan: stopped, reverted if it
+          finished successfully, and cleared, before the pool fires anything else.
+        """
+        store = core.store
+        assert store is not None
+        states: list[ch.ChainState] = []
+        for chain_id, blob in list(store.load_live()):
+            reason = None
+            try:
+                state = ch.ChainState.from_dict(decode_snapshot(blob))
+                if state.chain_id != chain_id:
+                    reason = f"holds chain {state.chain_id!r}, stored as {chain_id!r}"
+                elif state.spec.pool not in self._spms:
+                    reason = f"its pool {state.spec.pool!r} is not served by this runtime"
+                else:
+                    state.spec.make_command()
+            except (SnapshotError, KeyError, TypeError, ValueError, AttributeError) as exc:
+                reason = f"does not decode: {type(exc).__name__}: {exc}"
+            if reason is not None:
+                self.quarantined += 1
+                self.metrics.snapshot_quarantined()
+                logger.error("chain %s: snapshot quarantined: %s", chain_id, reason,
+                             extra={"chain_id": chain_id})
+                store.quarantine(chain_id, blob, reason, timeout=30.0)
+                continue
+            states.append(state)
+        by_pool: dict[str, list[ch.ChainState]] = {}
+        for state in states:
+            by_pool.setdefault(state.spec.pool, []).append(state)
+        out: list[ch.ChainState] = []
+        for pool in self.pools:
+            out.extend(self._resolve_pool(core, pool, by_pool.get(pool, [])))
+        return out
+
+    def _resolve_pool(
+        self, core: _Core, pool: str, states: list[ch.ChainState]
+    ) -> list[ch.ChainState]:
+        spm = self._spms[pool]
+        info = _retry_spm(lambda: spm.getAllTasksInfo(), self.options.recovery_timeout_s,
+                          f"getAllTasksInfo on pool {pool}")
+        known: set[str] = set()
+        for state in states:
+            for rec in state.steps:
+                if rec.task_id:
+                    known.add(rec.task_id)
+                if rec.revert_task_id:
+                    known.add(rec.revert_task_id)
+        unowned = {tid: inf for tid, inf in info.items() if tid not in known}
+        out: list[ch.ChainState] = []
+        now = time.time()
+        for state in states:
+            if state.ended:
+                out.append(state)
+                continue
+            command = state.spec.make_command()
+            for ref, task_id, rec in state.in_flight():
+                if task_id is None:
+                    verb = rec.verb if ref[0] == "step" else rec.revert_verb
+                    params = rec.params if ref[0] == "step" else (
+                        rec.revert_params if rec.revert_params is not None else rec.params)
+                    matches = [
+                        tid for tid, inf in unowned.items()
+                        if inf.get("verb") == verb and "params" in inf
+                        and _same_params(inf["params"], params)  # type: ignore[typeddict-item]
+                    ]
+                    if len(matches) == 1:
+                        tid = matches[0]
+                        del unowned[tid]
+                        logger.info("chain %s: recovered task %s fired for %s", state.chain_id,
+                                    tid, ref, extra={"chain_id": state.chain_id, "pool": pool,
+                                                     "task_id": tid})
+                        state, _ = ch.transition(state, ch.TaskFired(ref, tid, now), command)
+                elif task_id not in info:
+                    logger.warning("chain %s: task %s is unknown to the SPM", state.chain_id,
+                                   task_id, extra={"chain_id": state.chain_id, "pool": pool,
+                                                   "task_id": task_id})
+                    state, _ = ch.transition(state, ch.TaskLost(task_id, now), command)
+            out.append(state)
+        if unowned:
+            acked = self._ended_chains_tasks(core, set(unowned))
+            if acked:
+                logger.info("pool %s: %d tasks of ended chains are still on the SPM; clearing "
+                            "them", pool, len(acked), extra={"pool": pool})
+                core.recovery_acked[pool] = sorted(acked)
+            orphans = [tid for tid in unowned if tid not in acked]
+            if orphans:
+                logger.warning("pool %s: %d tasks on the SPM belong to no chain; discarding "
+                               "them", pool, len(orphans), extra={"pool": pool})
+                core.orphans[pool] = orphans
+        return out
+
+    def _ended_chains_tasks(self, core: _Core, candidates: set[str]) -> set[str]:
+        """Those of ``candidates`` whose outcome an ended chain recorded (they only need
+        clearing: the chain ended before clearing them). Reads ended snapshots, only when some
+        task on an SPM is owned by no live chain."""
+        if self._ended_task_index is None:
+            index: dict[str, bool] = {}
+            assert core.store is not None
+            for row in core.store.load_all():
+                if not row.ended:
+                    continue
+                try:
+                    state = ch.ChainState.from_dict(decode_snapshot(row.blob))
+                except (SnapshotError, KeyError, TypeError, ValueError, AttributeError):
+                    continue
+                for rec in state.steps:
+                    if rec.task_id:
+                        index[rec.task_id] = rec.status not in ("running", "submitting")
+                    if rec.revert_task_id:
+                        index[rec.revert_task_id] = rec.revert_status not in (
+                            "running", "submitting")
+                    for old in rec.old_revert_task_ids:
+                        index[old] = True
+            self._ended_task_index = index
+        return {tid for tid in candidates if self._ended_task_index.get(tid)}
 
     def __enter__(self) -> Self:
         return self.start()
@@ -400,6 +675,7 @@ class Runtime:
                 pass
         core.scheduler.stop()
         core.workers.shutdown(max(0.1, deadline - time.monotonic()))
+        self._close_store()
 
     def _escalate(self, reason: str) -> None:
         self.metrics.supervisor_escalated()
@@ -434,10 +710,20 @@ class Runtime:
         )
         handle = ChainHandle(self, chain_id, spec.pool)
         entry = _Entry(chain_id, spec.pool, state, handle)
+        store = core.store
         with self._submit_lock:
             if chain_id in core.chains:
                 raise ChainSpecError("chain_id", f"a chain {chain_id!r} is already live")
+            if (spec.chain_id is not None and store is not None and self._store_had_rows
+                    and store.load(chain_id) is not None):
+                raise ChainSpecError(
+                    "chain_id", f"a chain {chain_id!r} is already in the snapshot store"
+                )
             core.chains[chain_id] = entry
+            if store is not None:
+                # Accepted: recorded as submitted (durable at the next group commit; flush()
+                # waits for it).
+                store.save(chain_id, encode_snapshot(state.to_dict()))
         self.metrics.chain_started(spec.command_type)
         core.start_chain_actor(entry, state)
         return handle
@@ -512,3 +798,27 @@ class Runtime:
                 return
         fn(handle._result)
 
+
+
+def _same_params(a: object, b: Mapping[str, Any]) -> bool:
+    if not isinstance(a, Mapping):
+        return False
+    return dict(a) == dict(b)
+
+
+def _retry_spm(call: Callable[[], Any], timeout_s: float, what: str) -> Any:
+    """Call the SPM until it answers (failover, not-ready and connection errors are retried
+    with backoff) or ``timeout_s`` passes; then raise the last error naming ``what``."""
+    deadline = time.monotonic() + timeout_s
+    delay = 0.05
+    wait = threading.Event()
+    while True:
+        try:
+            return call()
+        except SpmError as exc:
+            if time.monotonic() + delay > deadline:
+                raise SpmError(f"recovery could not reach the SPM ({what}): {exc.message}",
+                               code=exc.code) from exc
+            logger.warning("recovery: %s failed (%s); retrying", what, exc)
+            wait.wait(delay)
+            delay = min(delay * 2, 2.0)

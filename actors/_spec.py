@@ -28,7 +28,7 @@ __all__ = [
 ]
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
-_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]{0,127}$")
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]{0,127}")
 
 
 class ChainSpecError(ValueError):
@@ -87,12 +87,12 @@ class StepSpec:
             raise ChainSpecError(f"{where}.{sorted(unknown)[0]}", "unknown field")
         step = cls(
             verb=data.get("verb"),  # type: ignore[arg-type]
-            params=data.get("params") or {},
+            params={} if data.get("params") is None else data["params"],
             revert_verb=data.get("revert_verb"),
             revert_params=data.get("revert_params"),
             exclusive=_as_tuple(data.get("exclusive", ()), f"{where}.exclusive"),
             shared=_as_tuple(data.get("shared", ()), f"{where}.shared"),
-            name=data.get("name") or "",
+            name="" if data.get("name") is None else data["name"],
         )
         _validate_step(step, where)
         return step
@@ -170,7 +170,7 @@ def register_command(name: str) -> Callable[[_C], _C]:
 
     Registering a different class under a name already taken raises ValueError.
     """
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise ValueError(f"command name {name!r} is not a valid name")
 
     def decorate(cls: _C) -> _C:
@@ -250,7 +250,7 @@ class ChainSpec:
         spec = cls(
             pool=data.get("pool"),  # type: ignore[arg-type]
             command_type=data.get("command_type"),  # type: ignore[arg-type]
-            params=data.get("params") or {},
+            params={} if data.get("params") is None else data["params"],
             steps=steps,
             command=data.get("command"),
             deadline_s=data.get("deadline_s"),
@@ -270,7 +270,7 @@ class ChainSpec:
 def _check_name(value: Any, where: str) -> None:
     if not isinstance(value, str) or not value:
         raise ChainSpecError(where, f"must be a non-empty string, got {value!r}")
-    if not _NAME.match(value):
+    if not _NAME.fullmatch(value):
         raise ChainSpecError(
             where, f"{value!r} is not a valid name (letters, digits, _ . : -, at most 128)"
         )

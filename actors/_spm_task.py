@@ -50,20 +50,24 @@ class _Outstanding:
     fired_at: float
 
 
+# VDSM's AddTaskError: the SPM's own task queue is full; no task was made.
+CODE_ADD_TASK_ERROR = 405
+
+
 def is_queue_full(err: SpmError) -> bool:
     """The SPM refused the verb because its own task queue is full (retry later)."""
-    return "queue" in err.message.lower() and "full" in err.message.lower()
+    return err.code == CODE_ADD_TASK_ERROR
 
 
 class SpmTaskActor(ThreadActor):
 
-    def __init__(self, core: _Core, pool: str, restarted: bool = False) -> None:
+    def __init__(self, core: _Core, pool: str, orphans: list[str] | None = None,
+                 acked: list[str] | None = None) -> None:
         super().__init__()
         self.core = core
         self.pool = pool
         self.spm = core.spms[pool]
         self.max_outstanding = core.options.max_outstanding
-        self.restarted = restarted
         self.queue: deque[m.FireRequest] = deque()
         self.outstanding: dict[str, _Outstanding] = {}
         self.owners: dict[str, tuple[str, tuple[str, int, int]]] = {}
@@ -75,14 +79,21 @@ class SpmTaskActor(ThreadActor):
         self.by_ref: dict[tuple[str, tuple[str, int, int]], str | None] = {}
         self.retry_pending = False
         self.backoff = core.options.retry_min_s
+        # Tasks found on the SPM at recovery that no chain owns. Nothing is fired on this pool
+        # until they are discarded: a chain whose step was being fired when the engine died may
+        # be about to fire it again, and its earlier task must be gone (reverted) first.
+        self.recovery_orphans = list(orphans or ())
+        self.recovery_acked = list(acked or ())
+        self.hold = bool(self.recovery_orphans)
 
     # -- lifecycle -------------------------------------------------------------------------
 
     def on_start(self) -> None:
-        if self.restarted:
-            # Whatever the last incarnation knew is gone: ask every live chain of this pool
-            # to say again what it has in flight (Adopt) or still wants fired (FireRequest).
-            self.core.reannounce(self.pool)
+        for task_id in self.recovery_acked:
+            self._clear(task_id)
+        for task_id in self.recovery_orphans:
+            self._discard(task_id, "found on the SPM at recovery, owned by no chain")
+        self._release_hold()
 
     def on_failure(
         self,
@@ -168,7 +179,14 @@ class SpmTaskActor(ThreadActor):
                 return req
         return None
 
+    def _release_hold(self) -> None:
+        if self.hold and not self.discarding:
+            self.hold = False
+            logger.info("pool %s: recovery orphans discarded; firing resumes", self.pool)
+
     def _dispatch(self) -> None:
+        if self.hold:
+            return
         watch: list[m.Watched] = []
         core = self.core
         spm = self.spm
@@ -209,8 +227,9 @@ class SpmTaskActor(ThreadActor):
                     req.chain_id, req.ref, req.verb, req.exclusive, req.shared, now
                 )
                 self.owners[task_id] = (req.chain_id, req.ref)
+                core.task_owners[task_id] = req.chain_id
                 self.by_ref[(req.chain_id, req.ref)] = task_id
-                watch.append(m.Watched(task_id, req.chain_id, req.verb, now))
+                watch.append(m.Watched(task_id, req.chain_id, req.verb, now, req.task_timeout_s))
                 if req.ref[0] == "revert":
                     core.metrics.revert_fired(req.verb)
                 else:
@@ -276,6 +295,7 @@ class SpmTaskActor(ThreadActor):
                 extra={"pool": self.pool, "task_id": task_id},
             )
             return
+        self.core.task_owners.pop(task_id, None)
         owner = self.owners.pop(task_id, None)
         if owner is not None:
             self.by_ref.pop(owner, None)
@@ -296,6 +316,7 @@ class SpmTaskActor(ThreadActor):
 
     def _adopt(self, msg: m.Adopt) -> None:
         self.owners[msg.task_id] = (msg.chain_id, msg.ref)
+        self.core.task_owners[msg.task_id] = msg.chain_id
         self.by_ref[(msg.chain_id, msg.ref)] = msg.task_id
         now = time.monotonic()
         if msg.task_id not in self.outstanding:
@@ -304,13 +325,25 @@ class SpmTaskActor(ThreadActor):
             )
             self._take(msg.exclusive, msg.shared)
         self.core.tell_poller(
-            self.pool, m.Watch((m.Watched(msg.task_id, msg.chain_id, msg.verb, now),))
+            self.pool,
+            m.Watch((m.Watched(msg.task_id, msg.chain_id, msg.verb, now, msg.task_timeout_s),))
         )
 
     # -- orphans ---------------------------------------------------------------------------
 
     def _discard(self, task_id: str, reason: str) -> None:
         if task_id in self.discarding:
+            return
+        owner = self.core.task_owners.get(task_id)
+        if owner is not None:
+            if owner in self.core.chains:
+                # Not an orphan: its live chain owns it (the poller that called it one was
+                # rebuilt and had not heard of it yet). Watch it again for the chain.
+                self.core.tell_poller(self.pool, m.Watch(
+                    (m.Watched(task_id, owner, "", time.monotonic()),)))
+                return
+            # Its chain recorded the outcome and ended before the task was cleared.
+            self._clear(task_id)
             return
         logger.warning(
             "pool %s: discarding task %s: %s",
@@ -321,9 +354,9 @@ class SpmTaskActor(ThreadActor):
         )
         self.core.metrics.orphan_task(self.pool)
         self.discarding[task_id] = "stopping"
-        owner = self.owners.pop(task_id, None)
-        if owner is not None:
-            self.by_ref.pop(owner, None)
+        mine = self.owners.pop(task_id, None)
+        if mine is not None:
+            self.by_ref.pop(mine, None)
         self._stop_task(task_id)
         self.core.tell_poller(self.pool, m.Watch((m.Watched(task_id, None, "", time.monotonic()),)))
 

@@ -294,7 +294,10 @@ class Driver:
         stops = [e.task_id for e in effects if isinstance(e, StopTask)]
         for task_id in stops:
             assert task_id not in self.stops, f"StopTask sent twice for {task_id}: {where}"
-            assert task_id in self.tasks and self.tasks[task_id].ref[0] == "step", where
+            # A step is stopped on cancel, deadline or zombie; a revert only as a zombie.
+            assert task_id in self.tasks, where
+            if self.tasks[task_id].ref[0] == "revert":
+                assert isinstance(event, ZombieTask), f"revert stopped without a zombie: {where}"
             self.stops.append(task_id)
         for eff in effects:
             if isinstance(eff, FireTask):
