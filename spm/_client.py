@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Mapping
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal, NotRequired, TypedDict
 
 TaskState = Literal["init", "running", "finished", "aborting", "cleaning", "unknown"]
 """``taskState`` as VDSM puts it on the wire."""
@@ -24,10 +24,15 @@ class TaskStatus(TypedDict):
 
 
 class TaskInfo(TypedDict):
-    """One task's info as ``getAllTasksInfo`` returns it (VDSM shape: the verb and the id)."""
+    """One task's info as ``getAllTasksInfo`` returns it (VDSM shape: the verb and the id).
+
+    ``params``, the parameters the verb was fired with, is an extension only the simulator
+    gives; when present, crash recovery uses it to prove which task a chain fired.
+    """
 
     id: str
     verb: str
+    params: NotRequired[dict[str, Any]]
 
 
 def task_succeeded(status: TaskStatus) -> bool:

@@ -301,7 +301,8 @@ class SimulatorStats:
 class _Task:
     __slots__ = (
         "call", "code", "declared", "duration", "effect", "gen", "id", "in_queue", "inject",
-        "lock_idx", "locks", "message", "state", "status", "verb", "waiting", "worker_since",
+        "lock_idx", "locks", "message", "params", "state", "status", "verb", "waiting",
+        "worker_since",
     )
 
     def __init__(self, task_id: str, verb: str, call: VerbCall | None,
@@ -323,6 +324,7 @@ class _Task:
         self.effect: list[Op] = []
         self.declared = False
         self.in_queue = False
+        self.params: dict[str, Any] | None = None
 
 
 class _LockRequest:
@@ -370,6 +372,15 @@ def _op_from_record(data: list[Any]) -> tuple[str, Op]:
 # ------------------------------------------------------------------------------------------------
 # The simulator
 # ------------------------------------------------------------------------------------------------
+
+
+def _info(task: _Task) -> TaskInfo:
+    """VDSM's ``{"id", "verb"}``, plus (a simulator extension) the parameters the task was
+    fired with, so that a caller recovering from a crash can prove which task is its own."""
+    info: TaskInfo = {"id": task.id, "verb": task.verb}
+    if task.params is not None:
+        info["params"] = task.params
+    return info
 
 
 class SimulatedSpm(SpmClient):
@@ -538,14 +549,15 @@ class SimulatedSpm(SpmClient):
         task.state = move(task.state, QUEUED)
         self._declare(task)
         tid = task.id
+        task.params = dict(params)
         self._tasks[tid] = task
-        self._infos[tid] = {"id": tid, "verb": task.verb}
+        self._infos[tid] = _info(task)
         self._fired += 1
         self._unfinished += 1
         if self._unfinished > self._max_unfinished:
             self._max_unfinished = self._unfinished
         if self._log is not None:
-            self._pending.append(encode(["F", tid, task.verb]))
+            self._pending.append(encode(["F", tid, task.verb, task.params]))
         if self._busy < self._workers:
             self._start(task, now)
         else:
@@ -571,8 +583,9 @@ class SimulatedSpm(SpmClient):
         return statuses
 
     def getAllTasksInfo(self) -> dict[str, TaskInfo]:  # noqa: N802
-        """``{task id: {"id", "verb"}}`` for every task. Raises NotSpmError (654) when this host
-        is not the SPM. The inner dicts are shared: do not mutate them."""
+        """``{task id: {"id", "verb", "params"}}`` for every task (``params``, what the task
+        was fired with, is a simulator extension: VDSM tells only the verb). Raises NotSpmError
+        (654) when this host is not the SPM. The inner dicts are shared: do not mutate them."""
         with self._session(spm=True):
             return self._infos.copy()
 
@@ -1150,8 +1163,9 @@ class SimulatedSpm(SpmClient):
                 if pool != self.pool:
                     raise ValueError(f"state_dir holds pool {pool!r}, not {self.pool!r}")
             elif kind == "F":
-                _, tid, verb = record
+                tid, verb = record[1], record[2]
                 task = _Task(tid, verb, None, (), 0.0, False)
+                task.params = record[3] if len(record) > 3 else None
                 task.state = QUEUED
                 tasks[tid] = task
             elif kind == "S":
@@ -1186,15 +1200,16 @@ class SimulatedSpm(SpmClient):
             elif kind == "X":
                 ledger.restore_removal(tuple(record[1]), record[2])
             elif kind == "T":
-                _, tid, verb, state, code, message, effect_ops = record
+                _, tid, verb, state, code, message, effect_ops = record[:7]
                 _check_state(state)
                 task = tasks[tid] = _Task(tid, verb, None, (), 0.0, False)
+                task.params = record[7] if len(record) > 7 else None
                 task.state, task.code, task.message = state, code, message
                 task.effect = [_op_from_record(data)[1] for data in effect_ops]
             else:
                 raise ValueError(f"state_dir: unknown record kind {kind!r}")
         for task in tasks.values():
-            self._infos[task.id] = {"id": task.id, "verb": task.verb}
+            self._infos[task.id] = _info(task)
             if task.state not in DONE:
                 self._unfinished += 1
             self._publish(task)
@@ -1211,5 +1226,5 @@ class SimulatedSpm(SpmClient):
             yield ["D", list(dup.key), dup.first_task_id, dup.task_id, dup.verb, dup.at]
         for task in self._tasks.values():
             yield ["T", task.id, task.verb, task.state, task.code, task.message,
-                   [_op_record("a", op) for op in task.effect]]
+                   [_op_record("a", op) for op in task.effect], task.params]
 

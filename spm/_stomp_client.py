@@ -545,7 +545,11 @@ def _task_info(value: Any) -> TaskInfo:
         or not isinstance(value.get("verb"), str)
     ):
         raise BadAnswerError(f"not a task info: {value!r}")
-    return TaskInfo(id=value["id"], verb=value["verb"])
+    info = TaskInfo(id=value["id"], verb=value["verb"])
+    params = value.get("params")
+    if isinstance(params, dict):
+        info["params"] = params  # the simulator's extension
+    return info
 
 
 def _mapping(value: Any, what: str) -> dict[str, Any]:

@@ -176,7 +176,8 @@ def test_task_runs_for_its_duration_then_finishes_with_vdsms_success_status() ->
     clock.to(5.0)
     assert status(spm, tid) == SUCCESS
     assert spm.internal_state(tid) == "finished"
-    assert spm.getAllTasksInfo() == {tid: {"id": tid, "verb": "createVolume"}}
+    params = create("img-1", "vol-1")
+    assert spm.getAllTasksInfo() == {tid: {"id": tid, "verb": "createVolume", "params": params}}
 
 
 def test_zero_duration_task_is_finished_at_the_next_call() -> None:

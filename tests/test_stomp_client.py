@@ -158,7 +158,9 @@ def test_task_verbs_round_trip(client: StompSpmClient, fakes: dict[str, FakeSpm]
         "code": 0,
         "message": "1 jobs completed successfully",
     }
-    assert client.getAllTasksInfo() == {task_id: {"id": task_id, "verb": "deleteImage"}}
+    info = client.getAllTasksInfo()
+    assert list(info) == [task_id]
+    assert (info[task_id]["id"], info[task_id]["verb"]) == (task_id, "deleteImage")
     client.stopTask(task_id)
     client.revertTask(task_id)
     client.clearTask(task_id)

@@ -84,7 +84,10 @@ def test_independent_raw_stomp_check_gets_vdsm_shaped_answers(served: ServedSpm)
         assert status["taskState"] in ("running", "finished")
         assert isinstance(status["code"], int) and isinstance(status["message"], str)
         info = raw.rpc("Host.getAllTasksInfo", {"storagepoolID": "pool-0"}, reply_to)
-        assert info["result"][task_id] == {"id": task_id, "verb": "createVolume"}
+        # VDSM's id and verb, plus the simulator's extension: the parameters fired with.
+        assert {k: v for k, v in info["result"][task_id].items() if k != "params"} == {
+            "id": task_id, "verb": "createVolume"}
+        assert info["result"][task_id]["params"]["volUUID"]
         unknown = raw.rpc("Task.clear", {"taskID": "nope", "storagepoolID": "pool-0"}, reply_to)
         assert unknown["error"]["code"] == 401
     finally:
