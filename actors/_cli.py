@@ -117,7 +117,28 @@ def _add_loadtest(sub: Any) -> None:
     p.add_argument("--timeout", type=_positive_float, default=600.0,
                    help="give up after this many seconds (default 600)")
     p.add_argument("--json", metavar="FILE", default=None, help="write the report as JSON")
+    add_metrics_arguments(p)
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO")
+
+
+def add_metrics_arguments(p: argparse.ArgumentParser) -> None:
+    """``--metrics-port`` and ``--metrics-addr``: serve Prometheus metrics while running."""
+    p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                   help="serve Prometheus metrics on this port while running (0: any free port)")
+    p.add_argument("--metrics-addr", default="127.0.0.1", metavar="ADDR",
+                   help="address for --metrics-port (default 127.0.0.1)")
+
+
+# Subcommands that live in modules of their own: name -> module. Each module has
+# ``add_arguments(parser)`` and ``run(args) -> int``.
+_MODULE_COMMANDS = {
+    "chaos": ("actors._chaos", "kill the engine at random moments and check that every chain "
+                               "ended, none lost, no effect twice"),
+    "engine": ("actors._engine", "run chains against an SPM from a durable store until they "
+                                 "end (what chaos starts and kills)"),
+    "inspect": ("actors._inspect", "read a snapshot store: chains by state, one chain's steps, "
+                                   "quarantined snapshots"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,6 +156,18 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     serve.add_argument("rest", nargs=argparse.REMAINDER)
+    import importlib
+
+    for name, (module_name, help_text) in _MODULE_COMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(sub_parser)
+        sub_parser.set_defaults(run=module.run)
     return parser
 
 
@@ -148,6 +181,7 @@ def _loadtest(args: argparse.Namespace) -> int:
         poll_min_ms=args.poll_min_ms, poll_max_ms=args.poll_max_ms,
         command_workers=args.command_workers, timeout_s=args.timeout, spm_url=args.spm,
         store=None if args.store == "none" else args.store,
+        metrics_port=args.metrics_port, metrics_addr=args.metrics_addr,
     )
     report = run_loadtest(cfg)
     print(summary_table(report))
@@ -174,6 +208,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "loadtest":
         return _loadtest(args)
+    run = getattr(args, "run", None)
+    if run is not None:
+        return int(run(args))
     parser.error(f"unknown command {args.command!r}")
     return 2
 

@@ -46,6 +46,8 @@ class LoadtestConfig:
     spm_url: str | None = None
     store: str | None = "temp"   # "temp" (a durable SQLite file in a temporary directory),
                                   # a path, "memory" (not durable) or None (no snapshots)
+    metrics_port: int | None = None
+    metrics_addr: str = "127.0.0.1"
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -155,7 +157,16 @@ def run_loadtest(
 ) -> dict[str, Any]:
     """Run the load test and return its report (what ``--json`` writes)."""
     out = out or sys.stdout
-    pools = pool_ids(cfg.pools, cfg.seed)
+    if cfg.spm_url:
+        from spm._stomp_client import connected_pools
+
+        served = connected_pools(cfg.spm_url)
+        if len(served) < cfg.pools:
+            raise ValueError(f"--spm {cfg.spm_url} serves {len(served)} pools "
+                             f"({', '.join(served) or 'none'}); --pools asks for {cfg.pools}")
+        pools = served[: cfg.pools]
+    else:
+        pools = pool_ids(cfg.pools, cfg.seed)
     spms = build_spms(cfg, pools)
     options = RuntimeOptions(
         max_outstanding=cfg.max_outstanding,
@@ -191,12 +202,16 @@ def run_loadtest(
     if store == "temp":
         tmpdir = tempfile.TemporaryDirectory(prefix="spmchain-loadtest-")
         store = os.path.join(tmpdir.name, "snapshots.sqlite")
-    rt = Runtime(spms, options, store=store)
+    rt = Runtime(spms, options, store=store, metrics_port=cfg.metrics_port,
+                 metrics_addr=cfg.metrics_addr)
     rt.add_done_callback(on_end)
     steps_before = _steps_fired(rt)
     t0 = time.perf_counter()
     timed_out = False
     with rt:
+        if rt.metrics_server is not None:
+            out.write(f"loadtest: metrics at {rt.metrics_server.url}\n")
+            out.flush()
         if on_runtime is not None:
             on_runtime(rt)
         for spec in specs:

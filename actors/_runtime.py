@@ -27,6 +27,7 @@ from actors._store_memory import MemoryStore
 from actors._store_sqlite import SqliteStore
 from actors._supervisor import DEFAULT_SUPERVISION, ChildSpec, SupervisorActor
 from actors._timer import Scheduler
+from metrics._exposition import MetricsServer, start_metrics_server
 from metrics._metrics import RuntimeMetrics
 from spm._client import SpmClient
 from spm._errors import SpmError
@@ -375,7 +376,10 @@ class Runtime:
     ``spms`` gives one :class:`~spm.SpmClient` per pool (a mapping pool → client, or clients
     whose ``pool`` attribute names it). Use it as a context manager, or call :meth:`start` and
     :meth:`stop`. ``metrics`` defaults to a new :class:`~metrics.RuntimeMetrics` on a registry of
-    its own. ``store`` keeps each chain's snapshot so that chains survive a crash: a
+    its own; ``metrics_port`` (0: any free port) serves them over HTTP on ``metrics_addr``
+    (127.0.0.1 by default) while the runtime runs, see :attr:`metrics_server`.
+
+    ``store`` keeps each chain's snapshot so that chains survive a crash: a
     :class:`~actors.SnapshotStore`, a file path (an SQLite store, created if needed),
     ``"memory"`` (a MemoryStore: snapshots taken, not durable) or None (no snapshots). At
     :meth:`start` every chain the store holds that has not ended is recovered and goes on.
@@ -388,7 +392,13 @@ class Runtime:
         *,
         metrics: RuntimeMetrics | None = None,
         store: SnapshotStore | str | os.PathLike[str] | None = None,
+        metrics_port: int | None = None,
+        metrics_addr: str = "127.0.0.1",
     ) -> None:
+        if metrics_port is not None and not (
+            isinstance(metrics_port, int) and 0 <= metrics_port <= 65535
+        ):
+            raise ValueError(f"metrics_port must be a port number (0-65535), got {metrics_port!r}")
         if isinstance(spms, Mapping):
             by_pool = dict(spms)
         else:
@@ -416,6 +426,9 @@ class Runtime:
         self._started = False
         self._submit_lock = threading.Lock()
         self._store_arg = store
+        self._metrics_port = metrics_port
+        self._metrics_addr = metrics_addr
+        self.metrics_server: MetricsServer | None = None
         self.store: SnapshotStore | None = None
         self._owns_store = False
         self._store_had_rows = False
@@ -430,6 +443,10 @@ class Runtime:
         if self._started:
             raise RuntimeError("this Runtime was already started")
         self._started = True
+        if self._metrics_port is not None:
+            self.metrics_server = start_metrics_server(
+                self.metrics, self._metrics_port, self._metrics_addr
+            )
         store = self._open_store()
         core = _Core(self, self._spms, self.options, self.metrics, store)
         self._core = core
@@ -437,6 +454,8 @@ class Runtime:
             recovered = self._load_recovered(core) if store is not None else []
         except BaseException:
             self._close_store()
+            if self.metrics_server is not None:
+                self.metrics_server.stop()
             core.scheduler.stop()
             core.workers.shutdown()
             raise
@@ -676,6 +695,8 @@ class Runtime:
         core.scheduler.stop()
         core.workers.shutdown(max(0.1, deadline - time.monotonic()))
         self._close_store()
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
 
     def _escalate(self, reason: str) -> None:
         self.metrics.supervisor_escalated()

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import pykka
 
 from actors import _chain as ch
+from actors import _crash
 from actors import _messages as m
 from actors._pool import ThreadActor
 from spm._errors import (
@@ -196,6 +197,7 @@ class SpmTaskActor(ThreadActor):
                 if req is None:
                     break
                 self._take(req.exclusive, req.shared)
+                _crash.reached("before_send")
                 try:
                     task_id = spm.fire(req.verb, req.params)
                 except SpmError as err:
@@ -221,6 +223,7 @@ class SpmTaskActor(ThreadActor):
                         ch.FireRefused(req.ref, 100, f"{type(err).__name__}: {err}", time.time()),
                     )
                     continue
+                _crash.reached("after_send")
                 now = time.monotonic()
                 self.backoff = core.options.retry_min_s
                 self.outstanding[task_id] = _Outstanding(
@@ -276,6 +279,7 @@ class SpmTaskActor(ThreadActor):
             metrics.task_ended(out.verb, now - out.fired_at)
 
     def _clear(self, task_id: str) -> None:
+        _crash.reached("after_outcome")
         if task_id in self.outstanding:
             # The chain heard of the end before we did (a redelivery raced a restart).
             self._finished((task_id,))
