@@ -94,16 +94,56 @@ class StepRecord:
     revert_code: int = 0
     revert_message: str = ""
     old_revert_task_ids: tuple[str, ...] = ()  # earlier revert attempts' tasks
+    _as_dict: dict[str, Any] | None = field(
+        default=None, init=False, repr=False, compare=False, hash=False
+    )
+    _as_slim: dict[str, Any] | None = field(
+        default=None, init=False, repr=False, compare=False, hash=False
+    )
 
     def result(self) -> StepResult:
         assert self.task_id is not None
         return StepResult(self.index, self.verb, self.params, self.task_id)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {f: _plain(getattr(self, f)) for f in _RECORD_FIELDS}
+    def to_dict(self, slim: bool = False) -> dict[str, Any]:
+        """The record as plain data (computed once per record: records never change).
+
+        ``slim`` leaves out what the chain's declarative spec already says (verb, parameters,
+        revert, resources): :meth:`from_dict` takes them back from the spec's step.
+        """
+        if slim:
+            cached = self._as_slim
+            if cached is None:
+                # A literal: msgpack packs the tuples as arrays, and nothing here is a mapping.
+                cached = {
+                    "index": self.index, "status": self.status, "task_id": self.task_id,
+                    "code": self.code, "message": self.message,
+                    "submitted_at": self.submitted_at, "fired_at": self.fired_at,
+                    "ended_at": self.ended_at, "stop_sent": self.stop_sent,
+                    "revert_status": self.revert_status, "revert_task_id": self.revert_task_id,
+                    "revert_attempts": self.revert_attempts, "revert_code": self.revert_code,
+                    "revert_message": self.revert_message,
+                    "old_revert_task_ids": self.old_revert_task_ids,
+                }
+                object.__setattr__(self, "_as_slim", cached)
+            return cached
+        cached = self._as_dict
+        if cached is None:
+            cached = {f: _plain(getattr(self, f)) for f in _RECORD_FIELDS}
+            object.__setattr__(self, "_as_dict", cached)
+        return cached
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> StepRecord:
+    def from_dict(cls, data: Mapping[str, Any], step: StepSpec | None = None) -> StepRecord:
+        """Rebuild from :meth:`to_dict`; a slim record needs its spec ``step``."""
+        if "verb" not in data:
+            if step is None:
+                raise KeyError("verb")
+            data = {
+                **data, "verb": step.verb, "params": step.params,
+                "revert_verb": step.revert_verb, "revert_params": step.revert_params,
+                "exclusive": step.exclusive, "shared": step.shared,
+            }
         kw = {f: data[f] for f in _RECORD_FIELDS if f in data}
         kw["exclusive"] = tuple(kw["exclusive"])
         kw["shared"] = tuple(kw["shared"])
@@ -111,7 +151,12 @@ class StepRecord:
         return cls(**kw)
 
 
-_RECORD_FIELDS = tuple(StepRecord.__dataclass_fields__)
+_RECORD_FIELDS = tuple(f for f in StepRecord.__dataclass_fields__ if not f.startswith("_"))
+_SPEC_FIELDS = frozenset(
+    ("verb", "params", "revert_verb", "revert_params", "exclusive", "shared")
+)
+_SLIM_FIELDS = tuple(f for f in _RECORD_FIELDS if f not in _SPEC_FIELDS)
+assert len(_SLIM_FIELDS) == 15, "StepRecord.to_dict(slim=True) lists every slim field"
 
 
 def _plain(value: Any) -> Any:
@@ -166,14 +211,17 @@ class ChainState:
         return out
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain data for a snapshot. The steps of a declarative chain are written slim: their
+        verbs and parameters are in the spec."""
+        slim = self.spec.steps is not None
         return {
             "chain_id": self.chain_id,
-            "spec": self.spec.to_dict(),
+            "spec": self.spec.packed(),
             "created_at": self.created_at,
             "deadline_at": self.deadline_at,
             "task_timeout_s": self.task_timeout_s,
             "phase": self.phase,
-            "steps": [s.to_dict() for s in self.steps],
+            "steps": [s.to_dict(slim) for s in self.steps],
             "hook": self.hook,
             "hook_index": self.hook_index,
             "cancel_reason": self.cancel_reason,
@@ -187,14 +235,25 @@ class ChainState:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ChainState:
         """Rebuild from :meth:`to_dict`'s output; KeyError/TypeError/ValueError when malformed."""
+        raw_spec = data["spec"]
+        if isinstance(raw_spec, bytes):
+            from actors._snapshot import unpack_nested
+
+            raw_spec = unpack_nested(raw_spec)
+        spec = ChainSpec.from_dict(raw_spec)
+        spec_steps = spec.steps or ()
+
+        def record(i: int, d: Mapping[str, Any]) -> StepRecord:
+            return StepRecord.from_dict(d, spec_steps[i] if i < len(spec_steps) else None)
+
         return cls(
             chain_id=data["chain_id"],
-            spec=ChainSpec.from_dict(data["spec"]),
+            spec=spec,
             created_at=float(data["created_at"]),
             deadline_at=float(data["deadline_at"]),
             task_timeout_s=float(data["task_timeout_s"]),
             phase=data["phase"],
-            steps=tuple(StepRecord.from_dict(s) for s in data["steps"]),
+            steps=tuple(record(i, s) for i, s in enumerate(data["steps"])),
             hook=data["hook"],
             hook_index=int(data["hook_index"]),
             cancel_reason=data["cancel_reason"],

@@ -112,8 +112,6 @@ class CommandActor(PooledActor):
             self._apply(message)
             if isinstance(message, ch.Tick) and not self.state.ended:
                 self._arm_deadline()
-        elif isinstance(message, m.Reannounce):
-            self._readopt(refire=True)
         else:
             return super().on_receive(message)
         return None
@@ -175,7 +173,8 @@ class CommandActor(PooledActor):
                 core.tell_task_actor(
                     pool,
                     m.FireRequest(
-                        chain_id, eff.ref, eff.verb, eff.params, eff.exclusive, eff.shared, seen_at
+                        chain_id, eff.ref, eff.verb, eff.params, eff.exclusive, eff.shared,
+                        self.state.task_timeout_s, seen_at,
                     ),
                 )
             elif isinstance(eff, ch.AckTask):
@@ -202,7 +201,7 @@ class CommandActor(PooledActor):
 
     def _resume(self) -> None:
         """Rebuilt from a recorded state: re-adopt running tasks, redo what was pending."""
-        self._readopt(refire=False)
+        self._readopt()
         effects = ch.resume_effects(self.state)
         hooks = [e for e in effects if isinstance(e, ch.RunHook)]
         if hooks:
@@ -212,20 +211,33 @@ class CommandActor(PooledActor):
             return
         self._perform(effects, None)
 
-    def _readopt(self, refire: bool) -> None:
-        core = self.core
-        for ref, task_id, rec in self.state.in_flight():
-            if task_id is not None:
-                verb = rec.verb if ref[0] == "step" else (rec.revert_verb or "")
-                core.tell_task_actor(
-                    self.pool_id,
-                    m.Adopt(self.chain_id, ref, task_id, verb, rec.exclusive, rec.shared),
-                )
-            elif refire:
-                # A request the restarted SpmTaskActor may never have seen. It fires a
-                # (chain, ref) at most once per incarnation.
-                self._perform(
-                    [e for e in ch.resume_effects(self.state) if isinstance(e, ch.FireTask)],
-                    None,
-                )
-                return
+    def _readopt(self) -> None:
+        for adopt in adopts_of(self.state):
+            self.core.tell_task_actor(self.pool_id, adopt)
+
+
+def adopts_of(state: ch.ChainState) -> list[m.Adopt]:
+    """An Adopt for every task ``state`` has in flight with a known id."""
+    out: list[m.Adopt] = []
+    for ref, task_id, rec in state.in_flight():
+        if task_id is not None:
+            verb = rec.verb if ref[0] == "step" else (rec.revert_verb or "")
+            out.append(m.Adopt(state.chain_id, ref, task_id, verb, rec.exclusive, rec.shared,
+                               state.task_timeout_s))
+    return out
+
+
+def resync_of(state: ch.ChainState) -> tuple[list[m.Adopt], list[m.FireRequest], list[str]]:
+    """What a restarted SpmTaskActor must learn of ``state``: its tasks in flight, the fires
+    it asked for (maybe never received) and the stops it decided (maybe never sent)."""
+    fires: list[m.FireRequest] = []
+    stops: list[str] = []
+    if state.phase in ("new", "ended") or state.hook is not None:
+        return adopts_of(state), fires, stops
+    for eff in ch.resume_effects(state):
+        if isinstance(eff, ch.FireTask):
+            fires.append(m.FireRequest(state.chain_id, eff.ref, eff.verb, eff.params,
+                                       eff.exclusive, eff.shared, state.task_timeout_s))
+        elif isinstance(eff, ch.StopTask):
+            stops.append(eff.task_id)
+    return adopts_of(state), fires, stops

@@ -21,8 +21,8 @@ class FireRequest:
     params: Mapping[str, Any]
     exclusive: tuple[str, ...]
     shared: tuple[str, ...]
+    task_timeout_s: float
     seen_at: float | None = None
-    task_timeout_s: float = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +38,7 @@ class Adopt:
     verb: str
     exclusive: tuple[str, ...]
     shared: tuple[str, ...]
-    task_timeout_s: float = 3600.0
+    task_timeout_s: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +77,7 @@ class Watched:
     chain_id: str | None  # None: an orphan being discarded (reported to the SpmTaskActor)
     verb: str
     fired_at: float
-    timeout_s: float = 3600.0  # running longer than this makes it a zombie
+    timeout_s: float  # running longer than this makes it a zombie (inf: never)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,8 +105,19 @@ class Retry:
 
 
 @dataclass(frozen=True, slots=True)
-class Reannounce:
-    """Runtime → CommandActor: the pool's SpmTaskActor/PollerActor was rebuilt; re-adopt."""
+class Resync:
+    """Runtime → a restarted SpmTaskActor: what every live chain of its pool has in flight
+    (``adopts``), still wants fired (``fires``) and decided to stop (``stops``), read from the
+    chains' last recorded states. One message, however many chains."""
+
+    adopts: tuple[Adopt, ...]
+    fires: tuple[FireRequest, ...]
+    stops: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Rewatch:
+    """Runtime → SpmTaskActor: the pool's PollerActor was rebuilt; tell it every task again."""
 
 
 @dataclass(frozen=True, slots=True)

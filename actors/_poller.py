@@ -179,6 +179,7 @@ class PollerActor(ThreadActor):
                     changed = True
                     if w.chain_id is not None:
                         lost.append((w.chain_id, task_id))
+                        finished.append(task_id)  # its slot at the SPM is free
                     else:
                         orphans_ended.append((task_id, False))  # gone: nothing to revert
                 continue

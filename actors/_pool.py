@@ -261,11 +261,10 @@ class PooledActor(pykka.Actor):
                 except Exception:
                     self._handle_failure(*sys.exc_info())
         except BaseException:
-            # KeyboardInterrupt / SystemExit inside a handler: stop this actor, let the
-            # process's own handling decide the rest.
+            # KeyboardInterrupt / SystemExit inside a handler: stop this actor and answer its
+            # pending asks with ActorDeadError (the turn's teardown), as pykka does.
             logger.debug("%r in %s, stopping it", sys.exc_info()[1], self)
             self._stop()
-            raise
 
     def _stop(self) -> None:
         self._dead = True

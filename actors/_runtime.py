@@ -15,7 +15,7 @@ import pykka
 
 from actors import _chain as ch
 from actors import _messages as m
-from actors._command import CommandActor, _Durable
+from actors._command import CommandActor, _Durable, resync_of
 from actors._faults import FaultInjector
 from actors._poller import PollerActor
 from actors._pool import WorkerPool
@@ -103,6 +103,10 @@ class RuntimeOptions:
                      "deadline_s", "task_timeout_s", "retry_min_s", "retry_max_s",
                      "recovery_timeout_s"):
             positive(name, getattr(self, name))
+        try:
+            FaultInjector(self.fault_rates, self.fault_seed)
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise ValueError(f"RuntimeOptions.fault_rates: {exc}") from None
         if self.poll_max_s < self.poll_min_s:
             raise ValueError(
                 f"RuntimeOptions.poll_max_s ({self.poll_max_s}) is below poll_min_s "
@@ -233,7 +237,7 @@ class _Core:
         try:
             ref.tell(message)
         except pykka.ActorDeadError:
-            pass  # being restarted: the new actor asks every chain again (reannounce)
+            pass  # being restarted: the new actor is told what the chains have in flight (resync)
 
     def tell_poller(self, pool: str, message: Any) -> None:
         ref = self.pollers.get(pool)
@@ -244,13 +248,21 @@ class _Core:
         except pykka.ActorDeadError:
             pass
 
-    def reannounce(self, pool: str) -> None:
+    def resync(self, pool: str) -> None:
+        """Tell a rebuilt SpmTaskActor, in one message, what every live chain of ``pool`` has in
+        flight, still wants fired and decided to stop (from their last recorded states; it
+        fires a (chain, step) at most once, so a request a chain sends meanwhile is harmless)."""
+        adopts: list[m.Adopt] = []
+        fires: list[m.FireRequest] = []
+        stops: list[str] = []
         for entry in list(self.chains.values()):
-            if entry.pool == pool and entry.ref is not None:
-                try:
-                    entry.ref.tell(m.Reannounce())
-                except pykka.ActorDeadError:
-                    pass
+            if entry.pool != pool:
+                continue
+            a, f, s = resync_of(entry.state)
+            adopts.extend(a)
+            fires.extend(f)
+            stops.extend(s)
+        self.tell_task_actor(pool, m.Resync(tuple(adopts), tuple(fires), tuple(stops)))
 
     # -- recording and ending ----------------------------------------------------------------
 
@@ -262,7 +274,7 @@ class _Core:
         store = self.store
         if store is None:
             return False
-        blob = encode_snapshot(state.to_dict())
+        blob = encode_snapshot(state.to_dict(), checked=False)
         callback = None
         if effects:
             ref = actor.actor_ref
@@ -324,9 +336,12 @@ class _Core:
         if kind == "spm_task" or strategy == "one_for_pool":
             _stop_quietly(self.task_actors.get(pool))
             self.task_actors[pool] = SpmTaskActor.start(self, pool)
-        # Only now that the new actor is reachable: every live chain of the pool says again
-        # what it has in flight (Adopt) and what it still wants fired (FireRequest).
-        self.reannounce(pool)
+            # Only now that the new actor is reachable: what the chains have in flight and
+            # still want fired (its Adopts also tell the poller what to watch).
+            self.resync(pool)
+        else:
+            # A new poller alone: the SpmTaskActor tells it every task it knows.
+            self.tell_task_actor(pool, m.Rewatch())
 
     def _restart_chain(self, chain_id: str) -> None:
         """Rebuild a failed CommandActor from its snapshot (its last recorded state)."""
@@ -744,7 +759,7 @@ class Runtime:
             if store is not None:
                 # Accepted: recorded as submitted (durable at the next group commit; flush()
                 # waits for it).
-                store.save(chain_id, encode_snapshot(state.to_dict()))
+                store.save(chain_id, encode_snapshot(state.to_dict(), checked=False))
         self.metrics.chain_started(spec.command_type)
         core.start_chain_actor(entry, state)
         return handle

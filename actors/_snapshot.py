@@ -204,7 +204,9 @@ def _check_node(
             )
 
 
-def encode_snapshot(payload: dict[str, Any], *, limits: SnapshotLimits = DEFAULT_LIMITS) -> bytes:
+def encode_snapshot(
+    payload: dict[str, Any], *, limits: SnapshotLimits = DEFAULT_LIMITS, checked: bool = True
+) -> bytes:
     """Encode a chain's state as a framed snapshot blob of the current `SCHEMA_VERSION`.
 
     `payload` must be a map with str keys whose values are str, int, float, bool, None, bytes,
@@ -212,8 +214,14 @@ def encode_snapshot(payload: dict[str, Any], *, limits: SnapshotLimits = DEFAULT
     `SnapshotError` here, so that no blob is ever written that `decode_snapshot` would refuse:
     reason INVALID for a wrong type, a non-str key or an int outside msgpack's 64-bit range,
     TOO_DEEP or TOO_LARGE for a payload beyond the limits.
+
+    ``checked=False`` skips the walk over the payload (the size limit still holds) for a
+    payload built from values already validated against the same limits, such as a chain state
+    whose spec passed :func:`actors._spec.validate_spec`: the runtime encodes one per
+    transition, and the walk costs more than the encoding.
     """
-    _check_tree(payload, limits, encoding=True)
+    if checked:
+        _check_tree(payload, limits, encoding=True)
     try:
         body: bytes = msgpack.packb(payload, use_bin_type=True)
     except (OverflowError, TypeError, ValueError) as exc:
@@ -310,6 +318,21 @@ def _check_version(version: int) -> None:
             f"schema version {version} is older than {SCHEMA_VERSION} and has no upgrade path "
             f"(no upgrade from version {missing[-1]})",
         )
+
+
+def pack_nested(payload: dict[str, Any]) -> bytes:
+    """msgpack ``payload`` to be stored as a bytes value inside a snapshot (a part that never
+    changes, packed once and copied into every later snapshot of its chain)."""
+    body: bytes = msgpack.packb(payload, use_bin_type=True)
+    return body
+
+
+def unpack_nested(body: bytes, *, limits: SnapshotLimits = DEFAULT_LIMITS) -> dict[str, Any]:
+    """Decode what :func:`pack_nested` made, with the same bounds and checks as a snapshot's
+    payload. Raises SnapshotError."""
+    payload = _unpack(body, limits)
+    _check_tree(payload, limits, encoding=False)
+    return payload
 
 
 def _unpack(body: bytes, limits: SnapshotLimits) -> dict[str, Any]:

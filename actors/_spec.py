@@ -211,8 +211,33 @@ class ChainSpec:
     deadline_s: float | None = None
     task_timeout_s: float | None = None
     chain_id: str | None = None
+    _as_dict: dict[str, Any] | None = field(
+        default=None, init=False, repr=False, compare=False, hash=False
+    )
+    _packed: bytes | None = field(
+        default=None, init=False, repr=False, compare=False, hash=False
+    )
+
+    def packed(self) -> bytes:
+        """The spec as msgpack (computed once), for the chain's snapshots."""
+        cached = self._packed
+        if cached is None:
+            from actors._snapshot import pack_nested
+
+            cached = pack_nested(self.to_dict())
+            object.__setattr__(self, "_packed", cached)
+        return cached
 
     def to_dict(self) -> dict[str, Any]:
+        """The spec as plain data (computed once: a spec never changes; do not mutate it)."""
+        cached = self._as_dict
+        if cached is not None:
+            return cached
+        d = self._to_dict()
+        object.__setattr__(self, "_as_dict", d)
+        return d
+
+    def _to_dict(self) -> dict[str, Any]:
         return {
             "pool": self.pool,
             "command_type": self.command_type,
@@ -276,6 +301,11 @@ def _check_name(value: Any, where: str) -> None:
         )
 
 
+# Bounds that keep every chain's snapshot within what the snapshot decoder accepts.
+_MAX_ITEMS = 10_000
+MAX_STEPS = 1_000
+
+
 def _check_params(value: Any, where: str) -> None:
     if not isinstance(value, Mapping):
         raise ChainSpecError(where, f"must be a mapping, got {type(value).__name__}")
@@ -296,12 +326,16 @@ def _check_plain(value: Any, where: str, depth: int) -> None:
             raise ChainSpecError(where, f"must be finite, got {value!r}")
         return
     if isinstance(value, Mapping):
+        if len(value) > _MAX_ITEMS:
+            raise ChainSpecError(where, f"has {len(value)} entries, more than {_MAX_ITEMS}")
         for k, v in value.items():
             if not isinstance(k, str):
                 raise ChainSpecError(where, f"keys must be strings, got {k!r}")
             _check_plain(v, f"{where}.{k}", depth + 1)
         return
     if isinstance(value, list | tuple):
+        if len(value) > _MAX_ITEMS:
+            raise ChainSpecError(where, f"has {len(value)} items, more than {_MAX_ITEMS}")
         for i, v in enumerate(value):
             _check_plain(v, f"{where}[{i}]", depth + 1)
         return
@@ -373,6 +407,8 @@ def validate_spec(spec: Any, pools: Sequence[str] | None = None) -> ChainSpec:
             raise ChainSpecError("steps", "must be a list of StepSpec")
         if not spec.steps:
             raise ChainSpecError("steps", "must not be empty")
+        if len(spec.steps) > MAX_STEPS:
+            raise ChainSpecError("steps", f"has {len(spec.steps)} steps, more than {MAX_STEPS}")
         for i, step in enumerate(spec.steps):
             _validate_step(step, f"steps[{i}]")
     else:

@@ -49,7 +49,10 @@ class _Outstanding:
     exclusive: tuple[str, ...]
     shared: tuple[str, ...]
     fired_at: float
+    timeout_s: float
 
+
+_NEVER = float("inf")
 
 # VDSM's AddTaskError: the SPM's own task queue is full; no task was made.
 CODE_ADD_TASK_ERROR = 405
@@ -129,6 +132,10 @@ class SpmTaskActor(ThreadActor):
             self._stop_task(message.task_id)
         elif isinstance(message, m.Adopt):
             self._adopt(message)
+        elif isinstance(message, m.Resync):
+            self._resync(message)
+        elif isinstance(message, m.Rewatch):
+            self._rewatch()
         elif isinstance(message, m.Discard):
             self._discard(message.task_id, message.reason)
         elif isinstance(message, m.OrphanEnded):
@@ -227,7 +234,8 @@ class SpmTaskActor(ThreadActor):
                 now = time.monotonic()
                 self.backoff = core.options.retry_min_s
                 self.outstanding[task_id] = _Outstanding(
-                    req.chain_id, req.ref, req.verb, req.exclusive, req.shared, now
+                    req.chain_id, req.ref, req.verb, req.exclusive, req.shared, now,
+                    req.task_timeout_s,
                 )
                 self.owners[task_id] = (req.chain_id, req.ref)
                 core.task_owners[task_id] = req.chain_id
@@ -318,20 +326,52 @@ class SpmTaskActor(ThreadActor):
                 extra={"pool": self.pool, "task_id": task_id},
             )
 
-    def _adopt(self, msg: m.Adopt) -> None:
+    def _resync(self, msg: m.Resync) -> None:
+        watch: list[m.Watched] = []
+        for adopt in msg.adopts:
+            watch.append(self._adopt(adopt, tell=False))
+        if watch:
+            self.core.tell_poller(self.pool, m.Watch(tuple(watch)))
+        for task_id in msg.stops:
+            self._stop_task(task_id)
+        for req in msg.fires:
+            key = (req.chain_id, req.ref)
+            if key not in self.by_ref:
+                self.by_ref[key] = None
+                self.queue.append(req)
+        self._dispatch()
+
+    def _rewatch(self) -> None:
+        now = time.monotonic()
+        watch = [
+            m.Watched(task_id, chain_id, "", now, self._timeout_of(task_id))
+            for task_id, (chain_id, _ref) in self.owners.items()
+        ]
+        watch.extend(m.Watched(task_id, None, "", now, _NEVER) for task_id in self.discarding)
+        if watch:
+            self.core.tell_poller(self.pool, m.Watch(tuple(watch)))
+
+    def _timeout_of(self, task_id: str) -> float:
+        out = self.outstanding.get(task_id)
+        return out.timeout_s if out is not None else _NEVER
+
+    def _adopt(self, msg: m.Adopt, tell: bool = True) -> m.Watched:
+        """Take ``msg.task_id`` as its chain's (after a restart); tell the poller to watch it
+        (or return what to tell, to batch)."""
         self.owners[msg.task_id] = (msg.chain_id, msg.ref)
         self.core.task_owners[msg.task_id] = msg.chain_id
         self.by_ref[(msg.chain_id, msg.ref)] = msg.task_id
         now = time.monotonic()
         if msg.task_id not in self.outstanding:
             self.outstanding[msg.task_id] = _Outstanding(
-                msg.chain_id, msg.ref, msg.verb, msg.exclusive, msg.shared, now
+                msg.chain_id, msg.ref, msg.verb, msg.exclusive, msg.shared, now,
+                msg.task_timeout_s,
             )
             self._take(msg.exclusive, msg.shared)
-        self.core.tell_poller(
-            self.pool,
-            m.Watch((m.Watched(msg.task_id, msg.chain_id, msg.verb, now, msg.task_timeout_s),))
-        )
+        watched = m.Watched(msg.task_id, msg.chain_id, msg.verb, now, msg.task_timeout_s)
+        if tell:
+            self.core.tell_poller(self.pool, m.Watch((watched,)))
+        return watched
 
     # -- orphans ---------------------------------------------------------------------------
 
@@ -344,7 +384,7 @@ class SpmTaskActor(ThreadActor):
                 # Not an orphan: its live chain owns it (the poller that called it one was
                 # rebuilt and had not heard of it yet). Watch it again for the chain.
                 self.core.tell_poller(self.pool, m.Watch(
-                    (m.Watched(task_id, owner, "", time.monotonic()),)))
+                    (m.Watched(task_id, owner, "", time.monotonic(), self._timeout_of(task_id)),)))
                 return
             # Its chain recorded the outcome and ended before the task was cleared.
             self._clear(task_id)
@@ -362,7 +402,9 @@ class SpmTaskActor(ThreadActor):
         if mine is not None:
             self.by_ref.pop(mine, None)
         self._stop_task(task_id)
-        self.core.tell_poller(self.pool, m.Watch((m.Watched(task_id, None, "", time.monotonic()),)))
+        self.core.tell_poller(
+            self.pool, m.Watch((m.Watched(task_id, None, "", time.monotonic(), _NEVER),))
+        )
 
     def _orphan_ended(self, task_id: str, succeeded: bool) -> None:
         stage = self.discarding.get(task_id)
@@ -377,7 +419,7 @@ class SpmTaskActor(ThreadActor):
                 self.discarding[task_id] = "reverting"
                 # Watch it again: its rollback ends it once more (finished/cleanSuccess).
                 self.core.tell_poller(
-                    self.pool, m.Watch((m.Watched(task_id, None, "", time.monotonic()),))
+                    self.pool, m.Watch((m.Watched(task_id, None, "", time.monotonic(), _NEVER),))
                 )
                 return
             except SpmError as err:
