@@ -86,6 +86,10 @@ def decode_chain(blob: bytes) -> ChainState:
         if exc.field != "command":
             raise
     stored = payload["spec"]
+    if isinstance(stored, bytes):  # the spec packed once and nested in every snapshot
+        from actors._snapshot import unpack_nested
+
+        stored = unpack_nested(stored)
     state = ChainState.from_dict({**payload, "spec": _PLACEHOLDER_SPEC})
     return replace(state, spec=_unchecked_spec(stored))
 
