@@ -144,7 +144,7 @@ def build_spms(cfg: LoadtestConfig, pools: Sequence[str]) -> dict[str, SpmClient
     return {
         p: SimulatedSpm(p, workers=cfg.spm_workers, queue_size=cfg.spm_queue,
                         durations=durations, failure_rates=failure_rates,
-                        seed=cfg.seed * 1000 + i)
+                        seed=cfg.seed * 1000 + i, clock=time.time)
         for i, p in enumerate(pools)
     }
 
@@ -184,7 +184,19 @@ def run_loadtest(
     reasons: dict[str, int] = {}
     by_id = {s.chain_id: s for s in specs}
 
+    # Reaction latency: from step k's task ending on the SPM to step k+1 fired. The pairs
+    # (task of step k, fired time of step k+1) are collected here; the end times come from
+    # the simulator's ledger at the end. At most ~200,000 pairs are kept (every n-th chain).
+    pairs: list[tuple[str, float]] = []
+    sample_every = max(1, (cfg.chains * max(cfg.steps - 1, 1)) // 200_000)
+
     def on_end(result: ChainResult) -> None:
+        steps = result.state.steps
+        if result.succeeded and hash(result.chain_id) % sample_every == 0:
+            for k in range(len(steps) - 1):
+                task_id, fired = steps[k].task_id, steps[k + 1].fired_at
+                if task_id is not None and fired is not None:
+                    pairs.append((task_id, fired))
         with lock:
             if result.succeeded:
                 counts["ok"] += 1
@@ -206,6 +218,7 @@ def run_loadtest(
                  metrics_addr=cfg.metrics_addr)
     rt.add_done_callback(on_end)
     steps_before = _steps_fired(rt)
+    usage0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     timed_out = False
     with rt:
@@ -226,6 +239,9 @@ def run_loadtest(
                 timed_out = True
                 break
         wall = time.perf_counter() - t0
+        usage1 = resource.getrusage(resource.RUSAGE_SELF)
+        cpu_s = (usage1.ru_utime - usage0.ru_utime) + (usage1.ru_stime - usage0.ru_stime)
+        commit_s = _sample_sum(rt, "spmchain_snapshot_commit_seconds")
         steps = _steps_fired(rt) - steps_before
         progress.show(counts["ok"] + counts["failed"], counts["failed"], steps, final=True)
         live = len(rt.chains())
@@ -258,9 +274,92 @@ def run_loadtest(
         },
     }
     report.update(check_ledgers(spms, failed_chains))
+    report["reaction_latency_ms"] = reaction_latency(spms, pairs)
+    report["spm_utilization"] = spm_utilization(spms, wall)
+    report["cpu_utilization"] = round(cpu_s / wall, 3) if wall > 0 else None
+    report["store_busy"] = round(commit_s / wall, 3) if wall > 0 else None
+    report["bounded_by"] = bounded_by(report, cfg)
     for client in spms.values():
         client.close()
     return report
+
+
+def _sample_sum(rt: Runtime, name: str) -> float:
+    """``<name>_sum`` of a histogram in the runtime's registry (0 when absent)."""
+    total = 0.0
+    for family in rt.metrics.registry.collect():
+        if family.name == name:
+            total += sum(s.value for s in family.samples if s.name == f"{name}_sum")
+    return total
+
+
+def _percentile(sorted_values: Sequence[float], q: float) -> float:
+    if not sorted_values:
+        return 0.0
+    i = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
+    return sorted_values[i]
+
+
+def reaction_latency(
+    spms: Mapping[str, SpmClient], pairs: Sequence[tuple[str, float]]
+) -> dict[str, Any] | None:
+    """p50/p99/max ms from a task's end on the SPM (the simulator's record of its effect) to
+    the next step of its chain fired; None when the SPM tells no end times (a remote SPM)."""
+    ends: dict[str, float] = {}
+    for client in spms.values():
+        history = getattr(client, "ledger_history", None)
+        if not callable(history):
+            return None
+        for event in history():
+            if event.action == "apply" and event.op == "create" and event.verb == "createVolume":
+                ends.setdefault(event.task_id, event.at)
+    values = sorted(
+        max(0.0, fired - ends[task_id]) * 1000.0 for task_id, fired in pairs if task_id in ends
+    )
+    if not values:
+        return None
+    return {
+        "p50": round(_percentile(values, 0.50), 3),
+        "p99": round(_percentile(values, 0.99), 3),
+        "max": round(values[-1], 3),
+        "samples": len(values),
+    }
+
+
+def spm_utilization(spms: Mapping[str, SpmClient], wall_s: float) -> float | None:
+    """Busy worker time over workers x pools x wall time (in-process simulators only)."""
+    busy = 0.0
+    capacity = 0.0
+    for client in spms.values():
+        stats = getattr(client, "stats", None)
+        if not callable(stats):
+            return None
+        s = stats()
+        busy += s.worker_busy_seconds
+        capacity += s.workers * wall_s
+    if capacity <= 0 or busy <= 0:
+        return None
+    return round(min(1.0, busy / capacity), 4)
+
+
+def bounded_by(report: Mapping[str, Any], cfg: LoadtestConfig) -> str:
+    """What most likely limited the run's throughput, with the evidence."""
+    util = report.get("spm_utilization")
+    cpu = report.get("cpu_utilization") or 0.0
+    store = report.get("store_busy") or 0.0
+    reaction = report.get("reaction_latency_ms") or {}
+    if util is not None and util >= 0.9:
+        return f"SPM workers ({util:.0%} busy)"
+    if cpu >= 0.85:
+        extra = f"; the store's commits took {store:.0%} of the wall time" if store else ""
+        return f"CPU (the process used {cpu:.2f} cores of {os.cpu_count()}{extra})"
+    if store >= 0.5:
+        return f"snapshot store (committing {store:.0%} of the wall time)"
+    p50 = reaction.get("p50")
+    if p50 is not None and p50 >= 0.5 * cfg.poll_min_ms:
+        return (f"polling (reaction p50 {p50:.1f} ms against a {cfg.poll_min_ms:g} ms "
+                "minimum poll interval)")
+    return f"outstanding limit or latency (CPU {cpu:.2f} cores, SPM {util or 0:.0%} busy)"
 
 
 def _counter_total(rt: Runtime, name: str) -> int:
@@ -319,6 +418,16 @@ def write_json(report: dict[str, Any], path: str) -> None:
     os.replace(tmp, path)
 
 
+def _fmt_reaction(r: Mapping[str, Any] | None) -> str:
+    if not r:
+        return "n/a"
+    return f"{r['p50']:.1f} / {r['p99']:.1f} / {r['max']:.1f} ms"
+
+
+def _fmt_share(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.1%}"
+
+
 def summary_table(report: dict[str, Any]) -> str:
     rows = [
         ("chains", report["chains"]),
@@ -332,6 +441,11 @@ def summary_table(report: dict[str, Any]) -> str:
         ("peak RSS", f"{report['peak_rss_mib']:.0f} MiB"),
         ("duplicated effects", report["duplicated_effects"]),
         ("leftover effects", report["leftover_effects"]),
+        ("reaction p50/p99/max", _fmt_reaction(report.get("reaction_latency_ms"))),
+        ("SPM utilization", _fmt_share(report.get("spm_utilization"))),
+        ("CPU", f"{report.get('cpu_utilization') or 0:.2f} cores"),
+        ("store commits", report.get("store_commits", 0)),
+        ("bounded by", report.get("bounded_by", "")),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)

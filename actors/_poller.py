@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+_CLEARED = "<cleared>"
+
 # A watched, unfinished task missing from this many successful polls in a row is lost.
 LOST_AFTER_MISSES = 3
 
@@ -47,6 +49,7 @@ class _Watch:
     code: int = 0
     message: str = ""
     delivered_at: float = 0.0
+    redeliver_after: float = 0.0  # doubles with every report its chain leaves unanswered
     misses: int = 0
     zombie_told: bool = False
 
@@ -125,7 +128,7 @@ class PollerActor(ThreadActor):
                 # Re-adopted after it ended (a restarted SpmTaskActor): it needs to hear again
                 # that the slot is free, and the chain needs the outcome again.
                 finished_again.append(t.task_id)
-                w.delivered_at = 0.0
+                w.delivered_at, w.redeliver_after = 0.0, 0.0
         if finished_again:
             self.core.tell_task_actor(self.pool, m.Finished(tuple(finished_again)))
         # New activity: poll soon.
@@ -166,7 +169,6 @@ class PollerActor(ThreadActor):
         orphans_ended: list[tuple[str, bool]] = []
         lost: list[tuple[str, str]] = []
         wall = time.time()
-        redeliver_before = now - self.redeliver_s
         for task_id, w in list(self.watched.items()):
             st = statuses.get(task_id)
             if st is None:
@@ -202,8 +204,12 @@ class PollerActor(ThreadActor):
                     orphans_ended.append((task_id, succeeded))
                     continue
                 finished.append(task_id)
-            elif w.chain_id is None or w.delivered_at > redeliver_before:
+            elif w.chain_id is None or now - w.delivered_at < w.redeliver_after:
                 continue
+            w.redeliver_after = (
+                self.redeliver_s if w.redeliver_after == 0.0
+                else min(w.redeliver_after * 2, 60.0)
+            )
             w.delivered_at = now
             deliveries.append(
                 (w.chain_id, ch.TaskEnded(task_id, w.succeeded, w.code, w.message, wall))
@@ -216,12 +222,14 @@ class PollerActor(ThreadActor):
         for chain_id, event in deliveries:
             if not core.tell_chain(chain_id, event, seen_at=now):
                 # Its chain has ended: it recorded the outcome before ending (clear the task),
-                # or ended without it and discarded the task (stop, revert, clear).
-                if core.task_owners.get(event.task_id) is not None:
-                    core.tell_task_actor(self.pool, m.Ack(chain_id, event.task_id))
-                else:
+                # or ended without it and discarded the task (stop, revert, clear). A task
+                # the runtime no longer knows was cleared meanwhile: nothing to do.
+                owner = core.task_owners.get(event.task_id, _CLEARED)
+                if owner is None:
                     core.tell_task_actor(self.pool, m.Discard(
                         event.task_id, f"its chain {chain_id} ended without its outcome"))
+                elif owner is not _CLEARED:
+                    core.tell_task_actor(self.pool, m.Ack(chain_id, event.task_id))
         for chain_id, task_id in lost:
             logger.warning(
                 "pool %s: task %s of chain %s is unknown to the SPM",

@@ -309,6 +309,9 @@ class SqliteStore(GroupCommitStore):
             raise StoreError(f"cannot open snapshot store {self.path!r}: {exc}") from exc
         try:
             try:
+                # Before the first table exists: pages big enough that a chain's snapshot
+                # (a few KiB) fits in one, without overflow pages.
+                setup.execute("PRAGMA page_size = 16384")
                 (mode,) = setup.execute("PRAGMA journal_mode = WAL").fetchone()
             except sqlite3.Error as exc:
                 raise StoreError(f"cannot open snapshot store {self.path!r}: {exc}") from exc
@@ -324,7 +327,7 @@ class SqliteStore(GroupCommitStore):
     def _writer_open(self) -> None:
         conn = sqlite3.connect(self.path, isolation_level=None, timeout=self._busy_timeout_s)
         conn.execute(f"PRAGMA synchronous = {self._synchronous}")
-        conn.execute("PRAGMA cache_size = -32768")
+        conn.execute("PRAGMA cache_size = -65536")
         self._wconn = conn
 
     def _writer_close(self) -> None:
