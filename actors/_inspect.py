@@ -8,9 +8,13 @@ decode.
 The store is opened with `actors._store_sqlite.open_readonly`: a read-only SQLite connection
 that never writes the file, so inspecting a store while the engine runs on it is safe and sees
 the last committed group commit. A snapshot that does not decode here is listed as undecodable
-with the error, never stops the listing. Exit status: 0 when the store was read, 1 when
-``--chain`` names a chain the store does not hold, 2 when the store cannot be opened or read
-(missing file, not a snapshot store, newer store format).
+with the error, never stops the listing. Exit status: 0 when the store was read (also when the
+reader of the output goes away, as with ``| head``), 1 when ``--chain`` names a chain the store
+does not hold, 2 when the store cannot be opened or read (missing file, not a snapshot store,
+newer store format).
+
+Every snapshot is decoded in full (``ChainState.from_dict``, which validates the chain's spec
+again), so a listing costs about a quarter of a millisecond of CPU per stored chain.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import argparse
 import datetime
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -389,14 +394,13 @@ def _write_detail(out: TextIO, detail: Mapping[str, Any]) -> None:
         out.write(f"  in flight: {_task_list(st['in_flight'])}\n")
     out.write("  steps:\n")
     for s in st["steps"]:
-        result = f"  code {s['code']} {s['message']}" if s["code"] or s["message"] else ""
+        result = f"  code {s['code']} {s['message']}" if s["code"] else ""
         out.write(f"    {s['index']}  {s['verb']}  {s['status']}  task {s['task_id'] or '-'}"
                   f"{result}\n")
         out.write(f"       submitted {_when(s['submitted_at'])}  fired {_when(s['fired_at'])}  "
                   f"ended {_when(s['ended_at'])}\n")
         if s["revert_status"] is not None:
-            code = (f"  code {s['revert_code']} {s['revert_message']}"
-                    if s["revert_code"] or s["revert_message"] else "")
+            code = f"  code {s['revert_code']} {s['revert_message']}" if s["revert_code"] else ""
             out.write(f"       revert {s['revert_verb']}  {s['revert_status']}  task "
                       f"{s['revert_task_id'] or '-'}  attempts {s['revert_attempts']}{code}\n")
             if s["old_revert_task_ids"]:
@@ -467,10 +471,19 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
         err.write(f"spmchain inspect: {exc}\n")
         return EXIT_STORE
     report = {"store": str(args.store), **report}
-    if args.json:
-        json.dump(report, out, indent=2, sort_keys=False, default=str)
-        out.write("\n")
-    else:
-        out.write(f"store {args.store}\n")
-        render(out, report)
+    try:
+        if args.json:
+            json.dump(report, out, indent=2, sort_keys=False, default=str)
+            out.write("\n")
+        else:
+            out.write(f"store {args.store}\n")
+            render(out, report)
+        out.flush()
+    except BrokenPipeError:
+        # The reader went away (``spmchain inspect | head``): stop quietly, and keep the
+        # interpreter from complaining again when it flushes stdout at exit.
+        if out is sys.stdout:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
     return 0
