@@ -19,6 +19,7 @@ import pytest
 from conftest import FAST, WAIT
 
 from actors._chain import ChainState
+from actors._cli import main as cli_main
 from actors._loadtest import chain_spec, pool_ids
 from actors._runtime import Runtime, RuntimeOptions
 from actors._snapshot import encode_snapshot
@@ -327,7 +328,7 @@ def test_a_chain_run_by_a_command_registered_only_in_the_engine_is_listed_not_un
 
 @pytest.mark.parametrize("kind", ["missing", "directory", "text file", "other sqlite"])
 def test_a_path_that_is_not_a_store_exits_2_with_a_clear_error_and_creates_nothing(
-    tmp_path: Path, kind: str
+    tmp_path: Path, kind: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = tmp_path / "store.sqlite"
     if kind == "directory":
@@ -340,12 +341,19 @@ def test_a_path_that_is_not_a_store_exits_2_with_a_clear_error_and_creates_nothi
         conn.close()
     before = sorted(p.name for p in tmp_path.iterdir())
     for extra in ((), ("--json",), ("--quarantined",), ("--chain", "x")):
-        done = spmchain_inspect("--store", path, *extra)
-        assert done.returncode == 2, (kind, extra, done.stdout, done.stderr)
-        assert str(path) in done.stderr
-        assert done.stderr.startswith("spmchain inspect: ")
-        assert done.stdout == ""
+        status = cli_main(["inspect", "--store", str(path), *extra])
+        out, err = capsys.readouterr()
+        assert status == 2, (kind, extra, out, err)
+        assert err.startswith("spmchain inspect: ") and str(path) in err
+        assert out == ""
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_the_command_exits_2_on_a_missing_store(tmp_path: Path) -> None:
+    done = spmchain_inspect("--store", tmp_path / "nowhere.sqlite")
+    assert done.returncode == 2
+    assert "nowhere.sqlite" in done.stderr and "does not exist" in done.stderr
+    assert not (tmp_path / "nowhere.sqlite").exists()
 
 
 def test_inspect_without_store_is_a_usage_error() -> None:
