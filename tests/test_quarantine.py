@@ -1,0 +1,175 @@
+"""A snapshot that does not decode is quarantined at recovery; the other chains resume and end.
+
+The store is written by a real runtime whose chains are caught with their first task running
+(the simulated SPM's clock is held still), then three snapshots are damaged behind its back with
+``sqlite3``: one byte flipped, one cut in half, one re-framed as schema version 99 (a valid frame
+and checksum around a version this code does not know). A new runtime on the same store must
+keep those three aside (with the reason, counted in the metrics), discard their tasks on the SPM
+as orphans, and resume and end every other chain.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from _engine_proc import ENGINE_OPTIONS, chain_specs
+
+from actors._chain import ENDED_SUCCESSFULLY
+from actors._loadtest import pool_ids
+from actors._runtime import Runtime, RuntimeOptions
+from actors._snapshot import HEADER_SIZE, _frame
+from actors._spec import ChainSpec
+from spm._simulator import SimulatedSpm
+
+WAIT = 15.0
+CHAINS = 8
+STEPS = 3
+
+
+class HeldClock:
+    """A clock for the simulator that stands still until :meth:`release`, then runs (shifted
+    ahead, so that every task that was running when it stood still is done at once)."""
+
+    def __init__(self) -> None:
+        self._held: float | None = time.monotonic()
+        self._shift = 0.0
+
+    def __call__(self) -> float:
+        held = self._held
+        return held if held is not None else time.monotonic() + self._shift
+
+    def release(self, jump: float) -> None:
+        held = self._held
+        assert held is not None
+        self._shift = held + jump - time.monotonic()
+        self._held = None
+
+
+def _wait_for(what: str, pred: Callable[[], bool], timeout: float = WAIT) -> None:
+    deadline = time.monotonic() + timeout
+    pause = threading.Event()
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        pause.wait(0.01)
+
+
+def _metric(rt: Runtime, name: str) -> float:
+    value = rt.metrics.registry.get_sample_value(name)
+    return 0.0 if value is None else value
+
+
+def _blob(db: Path, chain_id: str) -> bytes:
+    with sqlite3.connect(db) as conn:
+        row = conn.execute("SELECT blob FROM snapshots WHERE chain_id = ?", (chain_id,)).fetchone()
+    assert row is not None, chain_id
+    return bytes(row[0])
+
+
+def _overwrite(db: Path, chain_id: str, blob: bytes) -> None:
+    conn = sqlite3.connect(db)
+    try:
+        with conn:
+            conn.execute("UPDATE snapshots SET blob = ? WHERE chain_id = ?", (blob, chain_id))
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def live_store(tmp_path: Path, seed: int) -> Iterator[tuple[Path, SimulatedSpm, HeldClock,
+                                                          list[ChainSpec]]]:
+    """A store whose chains all have their first task running on ``spm`` (clock held)."""
+    pool = pool_ids(1, seed)[0]
+    clock = HeldClock()
+    spm = SimulatedSpm(pool, clock=clock, durations=0.01, seed=seed)
+    specs = chain_specs(CHAINS, STEPS, seed, [pool])
+    db = tmp_path / "snapshots.sqlite"
+    rt = Runtime({pool: spm}, RuntimeOptions(**ENGINE_OPTIONS), store=db).start()
+    try:
+        for spec in specs:
+            rt.submit(spec)
+
+        def first_task_recorded() -> bool:
+            states = rt.chains()
+            return len(states) == CHAINS and all(
+                s.steps and s.steps[0].task_id is not None for s in states)
+
+        _wait_for("every chain to record its first task id", first_task_recorded)
+        rt.flush()
+    finally:
+        rt.stop()
+    assert len(spm.getAllTasksStatuses()) == CHAINS
+    yield db, spm, clock, specs
+    spm.close()
+
+
+def test_corrupt_truncated_and_unknown_version_snapshots_are_quarantined_and_the_rest_resume(
+    live_store: tuple[Path, SimulatedSpm, HeldClock, list[ChainSpec]],
+) -> None:
+    db, spm, clock, specs = live_store
+    ids = [str(s.chain_id) for s in specs]
+    corrupt, truncated, future = ids[1], ids[4], ids[6]
+    damaged: dict[str, bytes] = {}
+
+    blob = bytearray(_blob(db, corrupt))
+    blob[HEADER_SIZE + len(blob[HEADER_SIZE:]) // 2] ^= 0x10  # one bit, mid-payload
+    damaged[corrupt] = bytes(blob)
+    blob = bytearray(_blob(db, truncated))
+    damaged[truncated] = bytes(blob[: len(blob) // 2])
+    damaged[future] = _frame(_blob(db, future)[HEADER_SIZE:], 99)
+    for chain_id, data in damaged.items():
+        _overwrite(db, chain_id, data)
+
+    clock.release(jump=60.0)  # the first tasks are done by the time anyone looks
+    rt = Runtime({spm.pool: spm}, RuntimeOptions(**ENGINE_OPTIONS), store=db).start()
+    try:
+        assert rt.quarantined == 3
+        assert _metric(rt, "spmchain_snapshots_quarantined_total") == 3.0
+        assert rt.store is not None
+        kept = {q.chain_id: q for q in rt.store.quarantined()}
+        assert set(kept) == set(damaged)
+        for chain_id, data in damaged.items():
+            assert kept[chain_id].blob == data, f"{chain_id}: the blob was not kept as it was"
+        assert "corrupt" in kept[corrupt].reason and "checksum" in kept[corrupt].reason
+        assert "truncated" in kept[truncated].reason
+        assert "unsupported_version" in kept[future].reason and "99" in kept[future].reason
+
+        resumed = {h.chain_id: h for h in rt.recovered}
+        assert set(resumed) == set(ids) - set(damaged)
+        for chain_id, handle in resumed.items():
+            result = handle.result(WAIT)
+            assert result.outcome == ENDED_SUCCESSFULLY, (chain_id, result.reason)
+        counts = rt.store.counts()
+        assert (counts.live, counts.ended, counts.quarantined) == (0, CHAINS - 3, 3)
+        # The quarantined chains' tasks are owned by no chain: discarded as orphans.
+        _wait_for("every task to be cleared from the SPM",
+                  lambda: not spm.getAllTasksStatuses())
+    finally:
+        rt.stop()
+
+    by_image: dict[str, set[str]] = {}
+    for obj in spm.objects():
+        by_image.setdefault(obj.img_uuid, set()).add(obj.vol_uuid or "")
+    for spec in specs:
+        assert spec.steps is not None
+        vols = by_image.get(spec.params["imgUUID"], set())
+        if spec.chain_id in damaged:
+            assert not vols, f"{spec.chain_id}: an orphan's effect was left on the storage"
+        else:
+            assert vols == {"", *(s.params["volUUID"] for s in spec.steps)}, spec.chain_id
+    assert spm.duplicated_effects() == 0, spm.duplicates()
+
+    # Quarantined once: the next start neither counts nor resumes them again.
+    again = Runtime({spm.pool: spm}, RuntimeOptions(**ENGINE_OPTIONS), store=db).start()
+    try:
+        assert (again.quarantined, len(again.recovered)) == (0, 0)
+        assert _metric(again, "spmchain_snapshots_quarantined_total") == 0.0
+        assert again.store is not None and len(again.store.quarantined()) == 3
+    finally:
+        again.stop()
+
