@@ -19,7 +19,6 @@ import logging
 import queue
 import sys
 import threading
-import uuid
 from collections import deque
 from typing import TYPE_CHECKING, Any, Self
 
@@ -27,6 +26,8 @@ import pykka
 from pykka import ActorDeadError, ActorRef
 from pykka._envelope import Envelope
 from pykka.messages import _ActorStop
+
+from actors._ids import new_uuid
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -203,7 +204,7 @@ class PooledActor(pykka.Actor):
         # pykka.Actor.__init__ builds the ref from the inbox, so do its work here in order.
         self._pool = pool
         self._dead = False
-        self.actor_urn = uuid.uuid4().urn
+        self.actor_urn = new_uuid().urn
         inbox = _PooledInbox()
         inbox._actor = self
         self.actor_inbox = inbox

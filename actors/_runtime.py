@@ -6,7 +6,6 @@ import logging
 import os
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Self
@@ -17,6 +16,7 @@ from actors import _chain as ch
 from actors import _messages as m
 from actors._command import CommandActor, _Durable, resync_of
 from actors._faults import FaultInjector
+from actors._ids import new_hex
 from actors._poller import PollerActor
 from actors._pool import WorkerPool
 from actors._snapshot import SnapshotError, decode_snapshot, encode_snapshot
@@ -593,12 +593,27 @@ class Runtime:
         info = _retry_spm(lambda: spm.getAllTasksInfo(), self.options.recovery_timeout_s,
                           f"getAllTasksInfo on pool {pool}")
         known: set[str] = set()
+        # Tasks whose outcome a live chain recorded but that were not cleared before the
+        # engine died: cleared at start, never reverted (their chain counts on their effect).
+        acked: list[str] = []
         for state in states:
             for rec in state.steps:
                 if rec.task_id:
                     known.add(rec.task_id)
+                    if rec.status not in ("submitting", "running") and rec.task_id in info:
+                        acked.append(rec.task_id)
+                        core.task_owners[rec.task_id] = state.chain_id
                 if rec.revert_task_id:
                     known.add(rec.revert_task_id)
+                    if (rec.revert_status not in ("submitting", "running")
+                            and rec.revert_task_id in info):
+                        acked.append(rec.revert_task_id)
+                        core.task_owners[rec.revert_task_id] = state.chain_id
+                for old in rec.old_revert_task_ids:
+                    known.add(old)
+                    if old in info:
+                        acked.append(old)
+                        core.task_owners[old] = state.chain_id
         unowned = {tid: inf for tid, inf in info.items() if tid not in known}
         out: list[ch.ChainState] = []
         now = time.time()
@@ -631,16 +646,17 @@ class Runtime:
                     state, _ = ch.transition(state, ch.TaskLost(task_id, now), command)
             out.append(state)
         if unowned:
-            acked = self._ended_chains_tasks(core, set(unowned))
-            if acked:
-                logger.info("pool %s: %d tasks of ended chains are still on the SPM; clearing "
-                            "them", pool, len(acked), extra={"pool": pool})
-                core.recovery_acked[pool] = sorted(acked)
-            orphans = [tid for tid in unowned if tid not in acked]
+            ended_acked = self._ended_chains_tasks(core, set(unowned))
+            acked.extend(sorted(ended_acked))
+            orphans = [tid for tid in unowned if tid not in ended_acked]
             if orphans:
                 logger.warning("pool %s: %d tasks on the SPM belong to no chain; discarding "
                                "them", pool, len(orphans), extra={"pool": pool})
                 core.orphans[pool] = orphans
+        if acked:
+            logger.info("pool %s: %d tasks whose outcome was recorded are still on the SPM; "
+                        "clearing them", pool, len(acked), extra={"pool": pool})
+            core.recovery_acked[pool] = acked
         return out
 
     def _ended_chains_tasks(self, core: _Core, candidates: set[str]) -> set[str]:
@@ -737,7 +753,7 @@ class Runtime:
         if isinstance(spec, Mapping):
             spec = ChainSpec.from_dict(spec)
         spec = validate_spec(spec, self.pools)
-        chain_id = spec.chain_id or uuid.uuid4().hex
+        chain_id = spec.chain_id or new_hex()
         opts = self.options
         state = ch.new_chain(
             spec, chain_id, time.time(),

@@ -444,6 +444,10 @@ class SpmTaskActor(ThreadActor):
             )
             return
         del self.discarding[task_id]
+        self.core.task_owners.pop(task_id, None)
+        if self.hold and not self.discarding:
+            self._release_hold()
+            self._dispatch()
 
 
 def _tell_quietly(ref: pykka.ActorRef[Any], message: Any) -> None:

@@ -30,6 +30,7 @@ Failure semantics of every call (all are :class:`~spm.SpmError` subclasses):
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import random
@@ -198,8 +199,12 @@ class StompRpcConnection:
         self._heartbeat = (max(heartbeat_ms[0], 0), max(heartbeat_ms[1], 0))
         self._delay_min, self._delay_max = reconnect_delay
         self._request_destination = request_destination
-        self.reply_destination = f"{DEFAULT_REPLY_DESTINATION}.{uuid.uuid4()}"
+        connection_id = uuid.uuid4()
+        self.reply_destination = f"{DEFAULT_REPLY_DESTINATION}.{connection_id}"
         """This connection's reply-to destination (unique per connection object)."""
+        # JSON-RPC ids: unique per connection, without a uuid4 (an os.urandom call) per call.
+        self._id_prefix = connection_id.hex[:12]
+        self._req_ids = itertools.count(1)
         self._cond = threading.Condition()
         self._state = _CONNECTING
         self._stream: FrameStream | None = None
@@ -247,7 +252,7 @@ class StompRpcConnection:
         limit = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + limit
         call = _Call()
-        req_id = str(uuid.uuid4())
+        req_id = f"{self._id_prefix}-{next(self._req_ids)}"
         try:
             body = json.dumps(
                 {"jsonrpc": "2.0", "method": method, "params": dict(params), "id": req_id}
