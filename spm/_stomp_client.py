@@ -202,8 +202,9 @@ class StompRpcConnection:
         connection_id = uuid.uuid4()
         self.reply_destination = f"{DEFAULT_REPLY_DESTINATION}.{connection_id}"
         """This connection's reply-to destination (unique per connection object)."""
-        # JSON-RPC ids: unique per connection, without a uuid4 (an os.urandom call) per call.
-        self._id_prefix = connection_id.hex[:12]
+        # JSON-RPC ids: UUIDs unique per connection (its random high 64 bits, a counter in the
+        # low 64), without a uuid4 (an os.urandom call) per call.
+        self._id_base = (connection_id.int >> 64) << 64
         self._req_ids = itertools.count(1)
         self._cond = threading.Condition()
         self._state = _CONNECTING
@@ -252,7 +253,7 @@ class StompRpcConnection:
         limit = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + limit
         call = _Call()
-        req_id = f"{self._id_prefix}-{next(self._req_ids)}"
+        req_id = str(uuid.UUID(int=self._id_base | next(self._req_ids), version=4))
         try:
             body = json.dumps(
                 {"jsonrpc": "2.0", "method": method, "params": dict(params), "id": req_id}
