@@ -66,6 +66,9 @@ class CommandActor(PooledActor):
         self.pool_id = state.spec.pool
         self.timer: Any = None
 
+    def log_extra(self) -> dict[str, Any]:
+        return {"chain_id": self.chain_id, "pool": self.pool_id}
+
     # -- lifecycle -------------------------------------------------------------------------
 
     def on_start(self) -> None:

@@ -190,7 +190,8 @@ class PollerActor(ThreadActor):
                 state = st["taskState"]
             except (TypeError, KeyError):
                 logger.warning(
-                    "pool %s: status of task %s has the wrong shape: %r", self.pool, task_id, st
+                    "pool %s: status of task %s has the wrong shape: %r", self.pool, task_id, st,
+                    extra={"pool": self.pool, "task_id": task_id, "chain_id": w.chain_id},
                 )
                 continue
             if state != "finished":

@@ -286,9 +286,14 @@ class PooledActor(pykka.Actor):
             "Unhandled exception in %s:",
             self,
             exc_info=(exception_type, exception_value, traceback),  # type: ignore[arg-type]
+            extra=self.log_extra(),
         )
         self._dead = True
         self.actor_stopped.set()
+
+    def log_extra(self) -> dict[str, Any]:
+        """Attributes for this actor's log records (a CommandActor names its chain and pool)."""
+        return {}
 
     def _teardown(self) -> None:
         # Reject whatever is left; a put racing with the stop either sees _dead and rejects

@@ -839,7 +839,8 @@ class Runtime:
             try:
                 fn(result)
             except Exception:
-                logger.exception("chain %s: done callback %r raised", handle.chain_id, fn)
+                logger.exception("chain %s: done callback %r raised", handle.chain_id, fn,
+                                 extra={"chain_id": handle.chain_id, "pool": handle.pool})
 
     def _add_callback(self, handle: ChainHandle, fn: Callable[[ChainResult], None]) -> None:
         with self._cond:

@@ -190,7 +190,8 @@ class SpmTaskActor(ThreadActor):
     def _release_hold(self) -> None:
         if self.hold and not self.discarding:
             self.hold = False
-            logger.info("pool %s: recovery orphans discarded; firing resumes", self.pool)
+            logger.info("pool %s: recovery orphans discarded; firing resumes", self.pool,
+                        extra={"pool": self.pool})
 
     def _dispatch(self) -> None:
         if self.hold:
@@ -223,7 +224,8 @@ class SpmTaskActor(ThreadActor):
                     self._release(req.exclusive, req.shared)
                     self.by_ref.pop((req.chain_id, req.ref), None)
                     logger.exception(
-                        "pool %s: firing %s for chain %s raised", self.pool, req.verb, req.chain_id
+                        "pool %s: firing %s for chain %s raised", self.pool, req.verb,
+                        req.chain_id, extra={"chain_id": req.chain_id, "pool": self.pool},
                     )
                     self._tell_chain(
                         req.chain_id,
@@ -261,8 +263,11 @@ class SpmTaskActor(ThreadActor):
                 core.tell_poller(self.pool, m.Watch(tuple(watch)))
 
     def _schedule_retry(self, err: SpmError) -> None:
+        if self.retry_pending:
+            return
         logger.warning(
-            "pool %s: SPM refused for now (%s); retrying in %.2f s", self.pool, err, self.backoff
+            "pool %s: SPM refused for now (%s); retrying in %.2f s", self.pool, err, self.backoff,
+            extra={"pool": self.pool},
         )
         if self.retry_pending:
             return

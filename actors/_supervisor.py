@@ -67,12 +67,20 @@ class SupervisorActor(ThreadActor):
             return None
         return super().on_receive(message)
 
+    def _extra(self, msg: m.ChildFailed) -> dict[str, Any]:
+        if msg.kind == "command":
+            entry = self.core.chains.get(msg.key)
+            return {"chain_id": msg.key, "pool": entry.pool if entry is not None else None}
+        return {"pool": msg.key}
+
     def _child_failed(self, msg: m.ChildFailed) -> None:
         if self.escalated is not None or self.core.stopping:
             return
         spec = self.specs.get(msg.kind)
+        extra = self._extra(msg)
         if spec is None or spec.restart == "temporary":
-            logger.error("%s actor %s failed (%s); not restarted", msg.kind, msg.key, msg.error)
+            logger.error("%s actor %s failed (%s); not restarted", msg.kind, msg.key, msg.error,
+                         extra=extra)
             return
         now = time.monotonic()
         hist = self.history[msg.kind]
@@ -89,7 +97,8 @@ class SupervisorActor(ThreadActor):
             self.core.escalate(self.escalated)
             return
         self.restarts[msg.kind] += 1
-        logger.warning("restarting %s actor %s after: %s", msg.kind, msg.key, msg.error)
+        logger.warning("restarting %s actor %s after: %s", msg.kind, msg.key, msg.error,
+                       extra=extra)
         try:
             self.core.restart(msg.kind, msg.key, spec.strategy)
         except Exception as exc:  # noqa: BLE001 - a restart that fails escalates at once
