@@ -94,6 +94,7 @@ class StepRecord:
     revert_code: int = 0
     revert_message: str = ""
     old_revert_task_ids: tuple[str, ...] = ()  # earlier revert attempts' tasks
+    revert_stop_sent: bool = False
     _as_dict: dict[str, Any] | None = field(
         default=None, init=False, repr=False, compare=False, hash=False
     )
@@ -124,6 +125,7 @@ class StepRecord:
                     "revert_attempts": self.revert_attempts, "revert_code": self.revert_code,
                     "revert_message": self.revert_message,
                     "old_revert_task_ids": self.old_revert_task_ids,
+                    "revert_stop_sent": self.revert_stop_sent,
                 }
                 object.__setattr__(self, "_as_slim", cached)
             return cached
@@ -156,7 +158,7 @@ _SPEC_FIELDS = frozenset(
     ("verb", "params", "revert_verb", "revert_params", "exclusive", "shared")
 )
 _SLIM_FIELDS = tuple(f for f in _RECORD_FIELDS if f not in _SPEC_FIELDS)
-assert len(_SLIM_FIELDS) == 15, "StepRecord.to_dict(slim=True) lists every slim field"
+assert len(_SLIM_FIELDS) == 16, "StepRecord.to_dict(slim=True) lists every slim field"
 
 
 def _plain(value: Any) -> Any:
@@ -646,8 +648,11 @@ def _on_lost(state: ChainState, ev: TaskLost) -> tuple[ChainState, list[Effect]]
 def _on_zombie(state: ChainState, ev: ZombieTask) -> tuple[ChainState, list[Effect]]:
     rec, is_revert = _find_task(state, ev.task_id)
     if rec is not None and is_revert and rec.revert_status == "running":
-        # A revert stuck past the task timeout: stop it; it fails and is fired again.
-        return state, [StopTask(ev.task_id)]
+        # A revert stuck past the task timeout: stop it (once); it fails and is fired again.
+        if rec.revert_stop_sent:
+            return state, _NO_EFFECTS
+        new, _ = _set_step(state, rec, revert_stop_sent=True)
+        return new, [StopTask(ev.task_id)]
     if rec is None or is_revert or rec.status != "running" or rec.stop_sent:
         return state, _NO_EFFECTS
     new, rec = _set_step(state, rec, stop_sent=True)
@@ -728,7 +733,7 @@ def _fire_revert(state: ChainState, rec: StepRecord) -> tuple[ChainState, list[E
         old = (*old, rec.revert_task_id)
     new, rec = _set_step(
         state, rec, revert_status="submitting", revert_task_id=None, revert_attempts=attempt,
-        old_revert_task_ids=old,
+        old_revert_task_ids=old, revert_stop_sent=False,
     )
     params = rec.revert_params if rec.revert_params is not None else rec.params
     return new, [
