@@ -368,8 +368,10 @@ class _Child:
                     return at
         return None
 
-    def wait_line(self, prefix: str, timeout: float) -> float | None:
-        """Wait for a line starting with ``prefix``; None at EOF or after ``timeout``."""
+    def wait_line(self, prefix: str, timeout: float,
+                  stop: threading.Event | None = None) -> float | None:
+        """Wait for a line starting with ``prefix``; None at EOF, after ``timeout``, or as soon
+        as ``stop`` is set."""
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
@@ -377,9 +379,9 @@ class _Child:
                     if text.startswith(prefix):
                         return at
                 left = deadline - time.monotonic()
-                if self._eof or left <= 0:
+                if self._eof or left <= 0 or (stop is not None and stop.is_set()):
                     return None
-                self._cond.wait(left)
+                self._cond.wait(min(left, 0.1))
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -493,13 +495,14 @@ def _progress(store: Path, ids: set[str], steps: int) -> float:
 class _Run:
     """One chaos run's state: the work directory, the SPM, the engine runs, the log."""
 
-    def __init__(self, cfg: ChaosConfig, out: TextIO, workdir: Path) -> None:
+    def __init__(self, cfg: ChaosConfig, out: TextIO, workdir: Path,
+                 stop: threading.Event | None = None) -> None:
         self.cfg = cfg
         self.out = out
         self.workdir = workdir
         self.store = workdir / "snapshots.sqlite"
         self.children = _Children()
-        self.stop = threading.Event()
+        self.stop = stop or threading.Event()
         self.url = ""
         self.pools: list[str] = []
         self.clients: dict[str, Any] = {}
@@ -514,6 +517,27 @@ class _Run:
         self.startup_s = 1.0
         self.progress_at_start = 0.0
 
+    def check_stop(self) -> None:
+        """Raise KeyboardInterrupt here, at a safe point, when the run was told to stop."""
+        if self.stop.is_set():
+            raise KeyboardInterrupt
+
+    def sleep(self, seconds: float) -> None:
+        """Wait ``seconds``; KeyboardInterrupt at once when the run is told to stop."""
+        self.stop.wait(seconds)
+        self.check_stop()
+
+    def wait_exit(self, child: _Child, timeout: float) -> int | None:
+        """Wait for ``child`` to exit (None after ``timeout``), watching for a stop."""
+        deadline = time.monotonic() + timeout
+        while True:
+            code = child.wait(max(0.0, min(0.1, deadline - time.monotonic())))
+            if code is not None:
+                return code
+            self.check_stop()
+            if time.monotonic() >= deadline:
+                return None
+
     def say(self, text: str) -> None:
         self.out.write(f"chaos [{time.monotonic() - self.t0:7.2f}s] {text}\n")
         self.out.flush()
@@ -527,7 +551,8 @@ class _Run:
             "--state-dir", str(self.workdir / "spm-state"), "--task-ms", f"{cfg.task_ms:g}",
             "--fail-rate", f"{cfg.fail_rate:g}", "--seed", str(cfg.seed),
         ), self.workdir / "spm.log", self.workdir)
-        if spm.wait_line("listening on", 60.0) is None:
+        if spm.wait_line("listening on", 60.0, self.stop) is None:
+            self.check_stop()
             raise ChaosError("the simulated SPM did not start: " + " | ".join(spm.tail()))
         line = next(text for _, text in spm.lines if text.startswith("listening on"))
         match = re.search(r"(stomp://\S+) pools (\S+)", line)
@@ -565,7 +590,8 @@ class _Run:
         def run_them() -> None:
             try:
                 for pool_index, down_s, gap_s in plan.failovers:
-                    self.stop.wait(gap_s)
+                    if self.stop.wait(gap_s):
+                        return
                     self.failover(pool_index, down_s, round_no)
             except Exception as exc:  # noqa: BLE001 - reported by run_chaos
                 self.failover_errors.append(f"{type(exc).__name__}: {exc}")
@@ -610,12 +636,13 @@ class _Run:
             while time.monotonic() < deadline:
                 if not engine.alive():
                     return None
-                self.stop.wait(min(0.01, max(0.0, deadline - time.monotonic())))
+                self.sleep(min(0.01, max(0.0, deadline - time.monotonic())))
             return "start"
         if plan.trigger == "submit":
-            if engine.wait_line("recovered", 120.0) is None:
+            if engine.wait_line("recovered", 120.0, self.stop) is None:
+                self.check_stop()
                 return None
-            self.stop.wait(plan.delay_s)
+            self.sleep(plan.delay_s)
             return "submit" if engine.alive() else None
         # This kill's share of the work left: the work left split between the progress kills
         # left and the last run, times the plan's factor; so the kills spread over the whole
@@ -637,8 +664,8 @@ class _Run:
             elif time.monotonic() - last_change > STALL_S:
                 self.say(f"no step fired for {STALL_S:g} s; killing anyway")
                 return "stalled"
-            self.stop.wait(0.01)
-        self.stop.wait(plan.delay_s)
+            self.sleep(0.01)
+        self.sleep(plan.delay_s)
         return "progress"
 
     def kill_round(self, round_no: int, plan: RoundPlan, progress_kills_left: int) -> None:
@@ -666,7 +693,7 @@ class _Run:
                     self.startup_s = recovered_at
                 self._join(failovers)
                 return
-            code = engine.wait(60.0)
+            code = self.wait_exit(engine, 60.0)
             if code is None:
                 engine.kill()
                 code = engine.proc.returncode
@@ -699,9 +726,10 @@ class _Run:
             engine = self.start_engine()
             self.say(f"last run: engine pid {engine.pid}, until every chain ended")
             if failovers is None and plan.failovers:
-                engine.wait_line("recovered", 120.0)
+                engine.wait_line("recovered", 120.0, self.stop)
+                self.check_stop()
                 failovers = self.start_failovers(plan, len(self.kills))
-            code = engine.wait(max(1.0, deadline - time.monotonic()))
+            code = self.wait_exit(engine, max(1.0, deadline - time.monotonic()))
             if code is None:
                 engine.kill()
                 self._join(failovers)
@@ -740,16 +768,18 @@ class _Run:
         self.children.stop_all()
 
 
-def run_chaos(cfg: ChaosConfig, out: TextIO | None = None) -> dict[str, Any]:
+def run_chaos(cfg: ChaosConfig, out: TextIO | None = None,
+              stop: threading.Event | None = None) -> dict[str, Any]:
     """Run the chaos test (see the module's docstring) and return its report.
 
     Raises ChaosError when the run itself cannot be carried out (the SPM does not start, the
-    work directory is in use); KeyboardInterrupt passes through. Every subprocess is stopped
-    before this returns or raises.
+    work directory is in use), and KeyboardInterrupt when interrupted: by Ctrl-C, or as soon as
+    ``stop`` is set (what the command's SIGINT and SIGTERM handlers do). Every subprocess is
+    stopped before this returns or raises.
     """
     out = out or sys.stdout
     workdir, owned = _workdir(cfg)
-    run_ = _Run(cfg, out, workdir)
+    run_ = _Run(cfg, out, workdir, stop)
     t0 = time.monotonic()
     finished = False
     report: dict[str, Any] = {}
@@ -919,20 +949,23 @@ def _non_negative_float(text: str) -> float:
 
 
 @contextlib.contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
-    """SIGTERM raises KeyboardInterrupt in the main thread, so the subprocesses are stopped."""
+def _signals_stop(stop: threading.Event) -> Iterator[None]:
+    """SIGINT and SIGTERM set ``stop`` (the run then stops at its next safe point, stopping
+    every subprocess) instead of raising wherever the main thread happens to be: an exception
+    raised inside a fork or a finaliser would be swallowed and the run would go on."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
-    def on_term(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
 
-    previous = signal.signal(signal.SIGTERM, on_term)
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -955,8 +988,9 @@ def run(args: argparse.Namespace) -> int:
     )
     print(f"spmchain chaos: {_command(cfg)}", flush=True)
     try:
-        with _sigterm_interrupts():
-            report = run_chaos(cfg)
+        stop = threading.Event()
+        with _signals_stop(stop):
+            report = run_chaos(cfg, stop=stop)
     except ChaosError as exc:
         print(f"spmchain chaos: {exc}", file=sys.stderr)
         return 2

@@ -32,7 +32,13 @@ from typing import TextIO
 from actors._chain import ENDED_SUCCESSFULLY, ENDED_WITH_FAILURE
 from actors._cli import _count, _positive_float, _positive_int, _rate, add_metrics_arguments
 from actors._loadtest import chain_spec
-from actors._runtime import ChainHandle, ChainResult, Runtime, RuntimeOptions
+from actors._runtime import (
+    ChainHandle,
+    ChainResult,
+    Runtime,
+    RuntimeOptions,
+    RuntimeStoppedError,
+)
 from actors._snapshot import SnapshotError, decode_snapshot
 from actors._spec import ChainSpec
 from actors._store import SnapshotReader, StoreError
@@ -194,7 +200,12 @@ def _run_started(cfg: EngineConfig, rt: Runtime, spms: Mapping[str, SpmClient],
         _say(out, f"metrics at {rt.metrics_server.url}")
     _say(out, f"recovered {len(rt.recovered)} chains ({rt.quarantined} quarantined) in "
               f"{time.monotonic() - t0:.2f} s")
-    outcomes, broken = stored_outcomes(store)
+    try:
+        outcomes, broken = stored_outcomes(store)
+    except StoreError:
+        if rt.stopped_reason is not None:
+            return _stopped(rt.stopped_reason)
+        raise
     cond = threading.Condition()
     ended = {ENDED_SUCCESSFULLY: 0, ENDED_WITH_FAILURE: 0}
 
@@ -207,14 +218,19 @@ def _run_started(cfg: EngineConfig, rt: Runtime, spms: Mapping[str, SpmClient],
     for handle in handles:
         handle.add_done_callback(on_end)
     new: list[ChainHandle] = []
-    for spec in specs:
-        if spec.chain_id in outcomes or spec.chain_id in broken:
-            continue
-        handle = rt.submit(spec)
-        handle.add_done_callback(on_end)
-        new.append(handle)
+    try:
+        for spec in specs:
+            if spec.chain_id in outcomes or spec.chain_id in broken:
+                continue
+            handle = rt.submit(spec)
+            handle.add_done_callback(on_end)
+            new.append(handle)
+        rt.flush(timeout=60.0)
+    except (RuntimeStoppedError, StoreError) as exc:
+        if rt.stopped_reason is not None:  # escalated while submitting: the store is closed
+            return _stopped(rt.stopped_reason)
+        raise EngineError(f"submitting failed: {exc}") from exc
     handles.extend(new)
-    rt.flush(timeout=60.0)
     _say(out, f"submitted {len(new)} chains ({len(wanted) - len(new)} already in the store, "
               f"{len(rt.recovered)} recovered)")
     deadline = t0 + cfg.timeout_s
@@ -229,8 +245,7 @@ def _run_started(cfg: EngineConfig, rt: Runtime, spms: Mapping[str, SpmClient],
                     _say(out, f"progress {fired} steps fired, {sum(ended.values())} of "
                               f"{total} chains ended")
             if rt.stopped_reason is not None:
-                _say(sys.stderr, f"spmchain engine: the runtime stopped: {rt.stopped_reason}")
-                return 1
+                return _stopped(rt.stopped_reason)
             if time.monotonic() > deadline:
                 _say(sys.stderr, f"spmchain engine: {total - sum(ended.values())} chains did "
                                  f"not end within --timeout {cfg.timeout_s:g} s")
@@ -238,8 +253,13 @@ def _run_started(cfg: EngineConfig, rt: Runtime, spms: Mapping[str, SpmClient],
             cond.wait(min(0.2, cfg.progress_s) if cfg.progress_s > 0 else 0.2)
     ran_s = time.monotonic() - t0
     uncleared = _drain(rt, spms, cfg.drain_timeout_s)
-    rt.flush(timeout=60.0)
-    outcomes, broken = stored_outcomes(store)
+    try:
+        rt.flush(timeout=60.0)
+        outcomes, broken = stored_outcomes(store)
+    except StoreError:
+        if rt.stopped_reason is not None:
+            return _stopped(rt.stopped_reason)
+        raise
     ok = sum(1 for c in wanted if outcomes.get(c) == ENDED_SUCCESSFULLY)
     failed = sum(1 for c in wanted if outcomes.get(c) == ENDED_WITH_FAILURE)
     _say(out, f"ended {ok + failed} of {len(wanted)} chains: {ok} ended_successfully, "
@@ -252,6 +272,11 @@ def _run_started(cfg: EngineConfig, rt: Runtime, spms: Mapping[str, SpmClient],
                          f"{', '.join(sorted(broken & wanted)[:10])}")
         return 1
     return 0 if ok + failed == len(wanted) else 1
+
+
+def _stopped(reason: str) -> int:
+    _say(sys.stderr, f"spmchain engine: the runtime stopped: {reason}")
+    return 1
 
 
 def steps_fired(rt: Runtime) -> int:
@@ -342,7 +367,7 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         return run_engine(cfg)
-    except EngineError as exc:
+    except (EngineError, StoreError, SpmError) as exc:
         print(f"spmchain engine: {exc}", file=sys.stderr)
         return 1
     except ValueError as exc:  # a URL that is not stomp://, a bad option reaching the runtime

@@ -202,13 +202,6 @@ def test_a_small_chaos_run_holds_every_invariant_and_leaves_no_process(
     assert report["seed"] == seed
     assert report["kills"] == 4 and report["failovers"] == 1
     assert report["kill_log"][0]["trigger"] == "submit"
-    if report["violations"] and all("are missing from the storage" in v
-                                    for v in report["violations"]):
-        # Known runtime bug: after a kill between recording a step's outcome and clearing its
-        # task, recovery leaves the task on the SPM; the poller later discards it as an orphan
-        # and reverts it, undoing a step of a chain that then ends successfully.
-        pytest.xfail(f"known recovery bug (steps of successful chains reverted): "
-                     f"{report['missing'][:3]}")
     assert code == 0, report["violations"]
     assert report["ok"]
     for name in _chaos.INVARIANTS:
@@ -224,7 +217,7 @@ def test_chaos_exits_1_when_an_invariant_fails(
                                NO_TASKS)
     failing.update({"seed": 1, "kills": 0, "failovers": 0, "engine_runs": 1,
                     "engine_failures": 0, "wall_s": 1.0, "workdir": None})
-    monkeypatch.setattr(_chaos, "run_chaos", lambda cfg, out=None: failing)
+    monkeypatch.setattr(_chaos, "run_chaos", lambda cfg, out=None, stop=None: failing)
     out = tmp_path / "report.json"
     assert main(["chaos", "--chains", "3", "--steps", "2", "--kills", "0", "--json",
                  str(out)]) == 1
@@ -266,7 +259,10 @@ def test_chaos_refuses_options_that_cannot_make_a_run(
     assert f"--workdir {used} is not empty" in capsys.readouterr().err
 
 
-def test_interrupted_chaos_stops_every_subprocess(tmp_path: Path, seed: int) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_chaos_stops_every_subprocess(
+    tmp_path: Path, seed: int, signum: signal.Signals
+) -> None:
     workdir = tmp_path / "work"
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
@@ -286,7 +282,7 @@ def test_interrupted_chaos_stops_every_subprocess(tmp_path: Path, seed: int) -> 
                 break
         assert any("kill 2/50" in line for line in seen), "".join(seen)
         assert _processes_mentioning(str(workdir)), "the SPM and an engine should be running"
-        os.kill(proc.pid, signal.SIGINT)
+        os.kill(proc.pid, signum)
         rest, _ = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
