@@ -219,13 +219,15 @@ class ChainState:
                 out.append((("revert", s.index, s.revert_attempts), s.revert_task_id, s))
         return out
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, with_spec: bool = True) -> dict[str, Any]:
         """Plain data for a snapshot. The steps of a declarative chain are written slim: their
-        verbs and parameters are in the spec."""
+        verbs and parameters are in the spec. ``with_spec=False`` leaves the spec out (None):
+        a store that keeps it once per chain (``save(..., spec=spec.packed())``) gives it back
+        to :meth:`from_dict`."""
         slim = self.spec.steps is not None
         return {
             "chain_id": self.chain_id,
-            "spec": self.spec.packed(),
+            "spec": self.spec.packed() if with_spec else None,
             "created_at": self.created_at,
             "deadline_at": self.deadline_at,
             "task_timeout_s": self.task_timeout_s,
@@ -242,22 +244,27 @@ class ChainState:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ChainState:
-        """Rebuild from :meth:`to_dict`'s output; KeyError/TypeError/ValueError when malformed."""
+    def from_dict(cls, data: Mapping[str, Any], spec: bytes | None = None) -> ChainState:
+        """Rebuild from :meth:`to_dict`'s output (``spec``: the packed spec kept apart, for a
+        snapshot written without it); KeyError/TypeError/ValueError when malformed."""
         raw_spec = data["spec"]
+        if raw_spec is None:
+            if spec is None:
+                raise KeyError("spec")
+            raw_spec = spec
         if isinstance(raw_spec, bytes):
             from actors._snapshot import unpack_nested
 
             raw_spec = unpack_nested(raw_spec)
-        spec = ChainSpec.from_dict(raw_spec)
-        spec_steps = spec.steps or ()
+        chain_spec = ChainSpec.from_dict(raw_spec)
+        spec_steps = chain_spec.steps or ()
 
         def record(i: int, d: Mapping[str, Any]) -> StepRecord:
             return StepRecord.from_dict(d, spec_steps[i] if i < len(spec_steps) else None)
 
         return cls(
             chain_id=data["chain_id"],
-            spec=spec,
+            spec=chain_spec,
             created_at=float(data["created_at"]),
             deadline_at=float(data["deadline_at"]),
             task_timeout_s=float(data["task_timeout_s"]),

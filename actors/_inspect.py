@@ -76,7 +76,7 @@ class InspectError(Exception):
 # Decoding
 
 
-def decode_chain(blob: bytes) -> ChainState:
+def decode_chain(blob: bytes, spec: bytes | None = None) -> ChainState:
     """Decode one stored snapshot into the chain's state.
 
     A chain driven by a registered `Command` class (``spec.command``) decodes even though the
@@ -85,6 +85,8 @@ def decode_chain(blob: bytes) -> ChainState:
     blob (`SnapshotError`, KeyError, TypeError, ValueError, ...); callers report it.
     """
     payload = decode_snapshot(blob)
+    if payload.get("spec") is None and spec is not None:
+        payload["spec"] = spec  # kept once per chain by the store, apart from its snapshots
     try:
         return ChainState.from_dict(payload)
     except ChainSpecError as exc:
@@ -123,9 +125,10 @@ class _Row:
     error: str | None
 
 
-def _decode_row(chain_id: str, blob: bytes, ended: bool, updated_at: float | None) -> _Row:
+def _decode_row(chain_id: str, blob: bytes, ended: bool, updated_at: float | None,
+                spec: bytes | None = None) -> _Row:
     try:
-        state = decode_chain(blob)
+        state = decode_chain(blob, spec)
     except Exception as exc:  # a damaged blob may fail anywhere in decoding; report, go on
         return _Row(chain_id, ended, updated_at, None, f"{type(exc).__name__}: {exc}")
     return _Row(chain_id, ended, updated_at, state, None)
@@ -204,7 +207,8 @@ def inspect_store(
     by_phase: dict[str, list[tuple[float, dict[str, Any]]]] = {p: [] for p in PHASES}
     undecodable: list[dict[str, Any]] = []
     for stored in reader.load_all():
-        row = _decode_row(stored.chain_id, stored.blob, stored.ended, stored.updated_at)
+        row = _decode_row(stored.chain_id, stored.blob, stored.ended, stored.updated_at,
+                          stored.spec)
         if row.state is None:
             counts["undecodable"] += 1
             undecodable.append(_undecodable(row))
@@ -244,7 +248,7 @@ def chain_detail(reader: SnapshotReader, chain_id: str, now: float | None = None
             return {"chain_id": chain_id, "state": None, "error": None,
                     "quarantined": quarantined}
         raise InspectError(f"the store holds no chain {chain_id!r}", EXIT_NO_CHAIN)
-    row = _decode_row(chain_id, blob, False, None)
+    row = _decode_row(chain_id, blob, False, None, reader.load_spec(chain_id))
     if row.state is None:
         return {"chain_id": chain_id, "state": None, "error": row.error,
                 "quarantined": quarantined}

@@ -274,7 +274,7 @@ class _Core:
         store = self.store
         if store is None:
             return False
-        blob = encode_snapshot(state.to_dict(), checked=False)
+        blob = encode_snapshot(state.to_dict(with_spec=False), checked=False)
         callback = None
         if effects:
             ref = actor.actor_ref
@@ -356,7 +356,8 @@ class _Core:
             blob = store.load(chain_id)
             if blob is not None:
                 try:
-                    state = ch.ChainState.from_dict(decode_snapshot(blob))
+                    state = ch.ChainState.from_dict(decode_snapshot(blob),
+                                                    store.load_spec(chain_id))
                 except (SnapshotError, KeyError, TypeError, ValueError) as exc:
                     self.metrics.snapshot_quarantined()
                     store.quarantine(chain_id, blob, f"does not decode: {exc}", timeout=30.0)
@@ -561,7 +562,7 @@ class Runtime:
         for chain_id, blob in list(store.load_live()):
             reason = None
             try:
-                state = ch.ChainState.from_dict(decode_snapshot(blob))
+                state = ch.ChainState.from_dict(decode_snapshot(blob), store.load_spec(chain_id))
                 if state.chain_id != chain_id:
                     reason = f"holds chain {state.chain_id!r}, stored as {chain_id!r}"
                 elif state.spec.pool not in self._spms:
@@ -670,7 +671,7 @@ class Runtime:
                 if not row.ended:
                     continue
                 try:
-                    state = ch.ChainState.from_dict(decode_snapshot(row.blob))
+                    state = ch.ChainState.from_dict(decode_snapshot(row.blob), row.spec)
                 except (SnapshotError, KeyError, TypeError, ValueError, AttributeError):
                     continue
                 for rec in state.steps:
@@ -775,7 +776,8 @@ class Runtime:
             if store is not None:
                 # Accepted: recorded as submitted (durable at the next group commit; flush()
                 # waits for it).
-                store.save(chain_id, encode_snapshot(state.to_dict(), checked=False))
+                store.save(chain_id, encode_snapshot(state.to_dict(with_spec=False),
+                                                     checked=False), spec=spec.packed())
         self.metrics.chain_started(spec.command_type)
         core.start_chain_actor(entry, state)
         return handle

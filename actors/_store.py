@@ -77,6 +77,8 @@ class StoredSnapshot:
     ended: bool
     updated_at: float
     """Wall-clock time (seconds since the epoch) of the commit that wrote this blob."""
+    spec: bytes | None = None
+    """The chain's spec as saved once with its first snapshot (see `SnapshotStore.save`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +89,7 @@ class QuarantinedSnapshot:
     blob: bytes
     reason: str
     quarantined_at: float
+    spec: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +129,10 @@ class SnapshotReader(ABC):
     def load(self, chain_id: str) -> bytes | None:
         """Return the chain's latest committed blob, ended or not; None if there is none
         (never saved, quarantined, or deleted by `SnapshotStore.delete_ended`)."""
+
+    @abstractmethod
+    def load_spec(self, chain_id: str) -> bytes | None:
+        """The spec saved with the chain (``save(..., spec=...)``), or None."""
 
     @abstractmethod
     def load_live(self) -> Iterator[tuple[str, bytes]]:
@@ -179,8 +186,13 @@ class SnapshotStore(SnapshotReader):
         *,
         ended: bool = False,
         on_durable: OnDurable | None = None,
+        spec: bytes | None = None,
     ) -> None:
         """Queue `blob` as the chain's snapshot and return at once.
+
+        `spec` is a part of the chain's snapshot that never changes (its spec): given once,
+        typically with the first save, it is kept with the chain for as long as the chain is
+        stored, so later saves need not repeat it; `load_spec` reads it back.
 
         The write joins the next group commit. If the chain is saved again before that commit,
         only the later blob is written, but every `on_durable` still fires. `on_durable` runs on
@@ -245,11 +257,14 @@ class PendingRow:
     """A queued write of one chain; a later save replaces `blob` and `ended` and adds its
     callback. Backends read `blob` and `ended`."""
 
-    __slots__ = ("blob", "callbacks", "ended", "saves")
+    __slots__ = ("blob", "callbacks", "ended", "saves", "spec")
 
-    def __init__(self, blob: bytes, ended: bool, callback: OnDurable | None) -> None:
+    def __init__(
+        self, blob: bytes, ended: bool, callback: OnDurable | None, spec: bytes | None = None
+    ) -> None:
         self.blob = blob
         self.ended = ended
+        self.spec = spec
         self.saves = 1
         self.callbacks: list[OnDurable] | None = None if callback is None else [callback]
 
@@ -379,6 +394,7 @@ class GroupCommitStore(SnapshotStore):
         *,
         ended: bool = False,
         on_durable: OnDurable | None = None,
+        spec: bytes | None = None,
     ) -> None:
         with self._cond:
             self._check_open()
@@ -389,10 +405,12 @@ class GroupCommitStore(SnapshotStore):
                 self._pending.append(last)
             row = last.rows.get(chain_id)
             if row is None:
-                last.rows[chain_id] = PendingRow(blob, ended, on_durable)
+                last.rows[chain_id] = PendingRow(blob, ended, on_durable, spec)
             else:
                 row.blob = blob
                 row.ended = ended
+                if spec is not None:
+                    row.spec = spec
                 row.saves += 1
                 if on_durable is not None:
                     if row.callbacks is None:

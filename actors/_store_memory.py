@@ -62,7 +62,11 @@ class MemoryStore(GroupCommitStore):
             for op in batch:
                 if isinstance(op, dict):
                     for chain_id, row in op.items():
-                        rows[chain_id] = StoredSnapshot(chain_id, row.blob, row.ended, now)
+                        spec = row.spec
+                        if spec is None:
+                            prev = rows.get(chain_id)
+                            spec = None if prev is None else prev.spec
+                        rows[chain_id] = StoredSnapshot(chain_id, row.blob, row.ended, now, spec)
                 elif isinstance(op, DeleteEnded):
                     doomed = [
                         chain_id
@@ -73,15 +77,21 @@ class MemoryStore(GroupCommitStore):
                         del rows[chain_id]
                     op.deleted = len(doomed)
                 else:
+                    prev = rows.pop(op.chain_id, None)
                     self._quarantine.append(
-                        QuarantinedSnapshot(op.chain_id, op.blob, op.reason, now)
+                        QuarantinedSnapshot(op.chain_id, op.blob, op.reason, now,
+                                            None if prev is None else prev.spec)
                     )
-                    rows.pop(op.chain_id, None)
 
     def load(self, chain_id: str) -> bytes | None:
         with self._data_lock:
             stored = self._rows.get(chain_id)
         return None if stored is None else stored.blob
+
+    def load_spec(self, chain_id: str) -> bytes | None:
+        with self._data_lock:
+            stored = self._rows.get(chain_id)
+        return None if stored is None else stored.spec
 
     def load_live(self) -> Iterator[tuple[str, bytes]]:
         with self._data_lock:

@@ -59,14 +59,16 @@ CREATE TABLE IF NOT EXISTS snapshots (
     chain_id   TEXT PRIMARY KEY,
     blob       BLOB NOT NULL,
     ended      INTEGER NOT NULL,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    spec       BLOB
 );
 CREATE TABLE IF NOT EXISTS quarantine (
     id             INTEGER PRIMARY KEY,
     chain_id       TEXT NOT NULL,
     blob           BLOB NOT NULL,
     reason         TEXT NOT NULL,
-    quarantined_at REAL NOT NULL
+    quarantined_at REAL NOT NULL,
+    spec           BLOB
 );
 """
 
@@ -79,12 +81,14 @@ fill one up), so the few statement texts stay prepared in the connection's cache
 
 @functools.cache
 def _upsert_sql(rows: int) -> str:
-    """The upsert of `rows` rows (4 parameters each) into ``snapshots``."""
+    """The upsert of `rows` rows (5 parameters each) into ``snapshots``; a row saved without
+    a spec keeps the one stored."""
     return (
-        "INSERT INTO snapshots (chain_id, blob, ended, updated_at) VALUES "
-        + ", ".join(["(?, ?, ?, ?)"] * rows)
+        "INSERT INTO snapshots (chain_id, blob, ended, updated_at, spec) VALUES "
+        + ", ".join(["(?, ?, ?, ?, ?)"] * rows)
         + " ON CONFLICT (chain_id) DO UPDATE SET "
-        "blob = excluded.blob, ended = excluded.ended, updated_at = excluded.updated_at"
+        "blob = excluded.blob, ended = excluded.ended, updated_at = excluded.updated_at, "
+        "spec = COALESCE(excluded.spec, snapshots.spec)"
     )
 
 
@@ -99,14 +103,14 @@ def _upsert(conn: sqlite3.Connection, rows: Upserts, now: float) -> None:
     """
     params: list[object] = []
     for chain_id, row in rows.items():
-        params += (chain_id, row.blob, row.ended, now)
+        params += (chain_id, row.blob, row.ended, now, row.spec)
     total = len(rows)
     for first in range(0, total, _UPSERT_CHUNK):
         count = min(_UPSERT_CHUNK, total - first)
         size = -(-count // _UPSERT_STEP) * _UPSERT_STEP
-        chunk = params[4 * first : 4 * (first + count)]
+        chunk = params[5 * first : 5 * (first + count)]
         if size > count:
-            chunk += chunk[-4:] * (size - count)
+            chunk += chunk[-5:] * (size - count)
         conn.execute(_upsert_sql(size), chunk)
 
 
@@ -181,19 +185,24 @@ class SqliteSnapshotReader(SnapshotReader):
         rows = self._query("SELECT blob FROM snapshots WHERE chain_id = ?", (chain_id,))
         return None if not rows else bytes(rows[0][0])
 
+    def load_spec(self, chain_id: str) -> bytes | None:
+        rows = self._query("SELECT spec FROM snapshots WHERE chain_id = ?", (chain_id,))
+        return None if not rows or rows[0][0] is None else bytes(rows[0][0])
+
     def load_live(self) -> Iterator[tuple[str, bytes]]:
         for chain_id, blob in self._listing("SELECT chain_id, blob FROM snapshots WHERE ended = 0"):
             yield str(chain_id), bytes(blob)
 
     def load_all(self) -> Iterator[StoredSnapshot]:
-        for chain_id, blob, ended, updated_at in self._listing(
-            "SELECT chain_id, blob, ended, updated_at FROM snapshots"
+        for chain_id, blob, ended, updated_at, spec in self._listing(
+            "SELECT chain_id, blob, ended, updated_at, spec FROM snapshots"
         ):
             yield StoredSnapshot(
                 str(chain_id),
                 bytes(blob),
                 bool(ended),
                 float(updated_at),
+                None if spec is None else bytes(spec),
             )
 
     def counts(self) -> SnapshotCounts:
@@ -209,7 +218,7 @@ class SqliteSnapshotReader(SnapshotReader):
 
     def quarantined(self) -> list[QuarantinedSnapshot]:
         rows = self._query(
-            "SELECT chain_id, blob, reason, quarantined_at FROM quarantine ORDER BY id"
+            "SELECT chain_id, blob, reason, quarantined_at, spec FROM quarantine ORDER BY id"
         )
         return [
             QuarantinedSnapshot(
@@ -217,8 +226,9 @@ class SqliteSnapshotReader(SnapshotReader):
                 bytes(blob),
                 str(reason),
                 float(at),
+                None if spec is None else bytes(spec),
             )
-            for chain_id, blob, reason, at in rows
+            for chain_id, blob, reason, at, spec in rows
         ]
 
     def close(self) -> None:
@@ -354,9 +364,9 @@ class SqliteStore(GroupCommitStore):
                     op.deleted = cursor.rowcount
                 else:
                     conn.execute(
-                        "INSERT INTO quarantine (chain_id, blob, reason, quarantined_at) "
-                        "VALUES (?, ?, ?, ?)",
-                        (op.chain_id, op.blob, op.reason, now),
+                        "INSERT INTO quarantine (chain_id, blob, reason, quarantined_at, spec) "
+                        "VALUES (?, ?, ?, ?, (SELECT spec FROM snapshots WHERE chain_id = ?))",
+                        (op.chain_id, op.blob, op.reason, now, op.chain_id),
                     )
                     conn.execute("DELETE FROM snapshots WHERE chain_id = ?", (op.chain_id,))
             conn.execute("COMMIT")
@@ -371,6 +381,9 @@ class SqliteStore(GroupCommitStore):
 
     def load(self, chain_id: str) -> bytes | None:
         return self._reader.load(chain_id)
+
+    def load_spec(self, chain_id: str) -> bytes | None:
+        return self._reader.load_spec(chain_id)
 
     def load_live(self) -> Iterator[tuple[str, bytes]]:
         return self._reader.load_live()

@@ -119,7 +119,7 @@ class Engine:
             return {}
         reader = open_readonly(self.store)
         try:
-            return {row.chain_id: ChainState.from_dict(decode_snapshot(row.blob))
+            return {row.chain_id: ChainState.from_dict(decode_snapshot(row.blob), row.spec)
                     for row in reader.load_all()}
         finally:
             reader.close()
