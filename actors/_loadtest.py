@@ -176,13 +176,11 @@ def run_loadtest(
         **cfg.options,
     )
     rng = random.Random(cfg.seed)
-    specs = [chain_spec(i, pools[i % len(pools)], cfg.steps, rng) for i in range(cfg.chains)]
     lock = threading.Lock()
     all_done = threading.Event()
     counts = {"ok": 0, "failed": 0}
     failed_chains: list[ChainSpec] = []
     reasons: dict[str, int] = {}
-    by_id = {s.chain_id: s for s in specs}
 
     # Reaction latency: from step k's task ending on the SPM to step k+1 fired. The pairs
     # (task of step k, fired time of step k+1) are collected here; the end times come from
@@ -202,7 +200,7 @@ def run_loadtest(
                 counts["ok"] += 1
             else:
                 counts["failed"] += 1
-                failed_chains.append(by_id[result.chain_id])
+                failed_chains.append(result.state.spec)
                 key = (result.reason or "").split(":")[0]
                 reasons[key] = reasons.get(key, 0) + 1
             if counts["ok"] + counts["failed"] == cfg.chains:
@@ -227,7 +225,9 @@ def run_loadtest(
             out.flush()
         if on_runtime is not None:
             on_runtime(rt)
-        for spec in specs:
+        # Specs are made as they are submitted: the runtime holds each live chain's own.
+        for i in range(cfg.chains):
+            spec = chain_spec(i, pools[i % len(pools)], cfg.steps, rng)
             rt.submit(spec)
         if cfg.chains == 0:
             all_done.set()

@@ -19,7 +19,6 @@ import logging
 import queue
 import sys
 import threading
-from collections import deque
 from typing import TYPE_CHECKING, Any, Self
 
 import pykka
@@ -126,12 +125,16 @@ class WorkerPool:
 
 
 class _PooledInbox:
-    """The inbox of one pooled actor: a deque plus a 'scheduled' bit guarded by a lock."""
+    """The inbox of one pooled actor: a list and a 'scheduled' bit, guarded by one lock.
+
+    A list, not a deque: an empty deque costs ~600 bytes, and a hundred thousand actors spend
+    nearly all their life with an empty inbox. A turn takes its messages in one slice.
+    """
 
     __slots__ = ("_actor", "_lock", "_q", "_scheduled")
 
     def __init__(self) -> None:
-        self._q: deque[Envelope[Any]] = deque()
+        self._q: list[Envelope[Any]] = []
         self._lock = threading.Lock()
         self._scheduled = False
         self._actor: PooledActor | None = None
@@ -142,18 +145,27 @@ class _PooledInbox:
         if actor._dead:
             _reject(actor, envelope)
             return
-        self._q.append(envelope)
         with self._lock:
+            self._q.append(envelope)
             if self._scheduled:
                 return
             self._scheduled = True
         actor._pool.schedule(actor)
 
-    def put_front(self, envelope: Envelope[Any]) -> None:
-        self._q.appendleft(envelope)
+    def take(self, n: int) -> list[Envelope[Any]]:
+        """Up to ``n`` messages, oldest first, removed from the inbox."""
+        with self._lock:
+            q = self._q
+            if len(q) <= n:
+                self._q = []
+                return q
+            taken = q[:n]
+            del q[:n]
+            return taken
 
     def get(self) -> Envelope[Any]:
-        return self._q.popleft()
+        with self._lock:
+            return self._q.pop(0)
 
     def empty(self) -> bool:
         return not self._q
@@ -227,10 +239,13 @@ class PooledActor(pykka.Actor):
 
     def _run_turn(self) -> None:
         inbox: _PooledInbox = self.actor_inbox  # type: ignore[assignment]
-        for _ in range(self._pool.batch):
-            if self._dead or inbox.empty():
+        batch = inbox.take(self._pool.batch)
+        for i, envelope in enumerate(batch):
+            if self._dead:
+                # Stopped mid-turn: what this turn took and did not handle is rejected too.
+                for rest in batch[i:]:
+                    _reject(self, rest)
                 break
-            envelope = inbox.get()
             self._handle_envelope(envelope)
         if self._dead:
             self._teardown()
@@ -300,8 +315,8 @@ class PooledActor(pykka.Actor):
         # itself, or finds the actor unscheduled and schedules this teardown again.
         inbox: _PooledInbox = self.actor_inbox  # type: ignore[assignment]
         while True:
-            while not inbox.empty():
-                _reject(self, inbox.get())
+            for envelope in inbox.take(len(inbox._q) or 1):
+                _reject(self, envelope)
             if not inbox._finish_turn():
                 return
 

@@ -211,33 +211,15 @@ class ChainSpec:
     deadline_s: float | None = None
     task_timeout_s: float | None = None
     chain_id: str | None = None
-    _as_dict: dict[str, Any] | None = field(
-        default=None, init=False, repr=False, compare=False, hash=False
-    )
-    _packed: bytes | None = field(
-        default=None, init=False, repr=False, compare=False, hash=False
-    )
-
     def packed(self) -> bytes:
-        """The spec as msgpack (computed once), for the chain's snapshots."""
-        cached = self._packed
-        if cached is None:
-            from actors._snapshot import pack_nested
+        """The spec as msgpack, for the chain's snapshots. Not cached: a store keeps it once per
+        chain, and holding it here would cost a few KiB for every live chain."""
+        from actors._snapshot import pack_nested
 
-            cached = pack_nested(self.to_dict())
-            object.__setattr__(self, "_packed", cached)
-        return cached
+        return pack_nested(self.to_dict())
 
     def to_dict(self) -> dict[str, Any]:
-        """The spec as plain data (computed once: a spec never changes; do not mutate it)."""
-        cached = self._as_dict
-        if cached is not None:
-            return cached
-        d = self._to_dict()
-        object.__setattr__(self, "_as_dict", d)
-        return d
-
-    def _to_dict(self) -> dict[str, Any]:
+        """The spec as plain data (a new dict every call)."""
         return {
             "pool": self.pool,
             "command_type": self.command_type,
