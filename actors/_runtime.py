@@ -131,12 +131,13 @@ class ChainResult:
 class _Entry:
     """The runtime's record of one live chain."""
 
-    __slots__ = ("actor", "chain_id", "handle", "pool", "ref", "state")
+    __slots__ = ("actor", "chain_id", "durable", "handle", "pool", "ref", "state")
 
     def __init__(self, chain_id: str, pool: str, state: ch.ChainState, handle: ChainHandle):
         self.chain_id = chain_id
         self.pool = pool
-        self.state = state
+        self.state = state  # the last recorded state
+        self.durable = state  # the last state known durable (what effects may act upon)
         self.handle = handle
         self.ref: pykka.ActorRef[Any] | None = None
         self.actor: CommandActor | None = None
@@ -188,6 +189,18 @@ class ChainHandle:
         self._rt._add_callback(self, fn)
 
 
+class _PoolState:
+    """What one pool's SpmTaskActor knows that must outlive it (see SpmTaskActor)."""
+
+    __slots__ = ("by_ref", "discarding", "hold", "owners")
+
+    def __init__(self) -> None:
+        self.owners: dict[str, tuple[str, tuple[str, int, int]]] = {}
+        self.by_ref: dict[tuple[str, tuple[str, int, int]], str | None] = {}
+        self.discarding: dict[str, str] = {}
+        self.hold = False
+
+
 class _Core:
     """What the actors share: the directory of actors, the clock, metrics, options."""
 
@@ -202,6 +215,7 @@ class _Core:
         # an actor, so that a restarted SpmTaskActor or PollerActor can tell a task whose chain
         # ended (clear it) from an orphan (stop, revert, clear).
         self.task_owners: dict[str, str | None] = {}
+        self.pool_states: dict[str, _PoolState] = {}
         self.spms = spms
         self.options = options
         self.metrics = metrics
@@ -215,6 +229,12 @@ class _Core:
         self.stopping = False
 
     # -- telling -----------------------------------------------------------------------------
+
+    def pool_state(self, pool: str) -> _PoolState:
+        state = self.pool_states.get(pool)
+        if state is None:
+            state = self.pool_states[pool] = _PoolState()
+        return state
 
     def tell_chain(self, chain_id: str, event: Any, seen_at: float | None = None) -> bool:
         """Tell a live chain; False when it is not live (ended, or unknown). A chain being
@@ -258,7 +278,10 @@ class _Core:
         for entry in list(self.chains.values()):
             if entry.pool != pool:
                 continue
-            a, f, s = resync_of(entry.state)
+            # Tasks in flight from the last recorded state (they exist on the SPM, durable or
+            # not); fires and stops only from the last durable one (write ahead).
+            a, _, _ = resync_of(entry.state)
+            _, f, s = resync_of(entry.durable)
             adopts.extend(a)
             fires.extend(f)
             stops.extend(s)
@@ -273,13 +296,17 @@ class _Core:
         entry.state = state
         store = self.store
         if store is None:
+            entry.durable = state
             return False
         blob = encode_snapshot(state.to_dict(with_spec=False), checked=False)
         callback = None
         if effects:
+            # Every state that asks for a fire or a stop comes with effects: the callback is
+            # where it becomes what a rebuilt SpmTaskActor may act upon (see resync).
             ref = actor.actor_ref
 
             def callback() -> None:
+                entry.durable = state
                 try:
                     ref.tell(_Durable(effects, seen_at))
                 except pykka.ActorDeadError:
@@ -365,7 +392,7 @@ class _Core:
                                  extra={"chain_id": chain_id, "pool": entry.pool})
                     self.chains.pop(chain_id, None)
                     return
-        entry.state = state
+        entry.state = entry.durable = state
         self.start_chain_actor(entry, state)
 
     def start_chain_actor(self, entry: _Entry, state: ch.ChainState) -> None:

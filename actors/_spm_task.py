@@ -74,13 +74,21 @@ class SpmTaskActor(ThreadActor):
         self.max_outstanding = core.options.max_outstanding
         self.queue: deque[m.FireRequest] = deque()
         self.outstanding: dict[str, _Outstanding] = {}
-        self.owners: dict[str, tuple[str, tuple[str, int, int]]] = {}
+        # What must outlive this actor lives in the core's per-pool record, which a restarted
+        # SpmTaskActor takes over: which chain step each uncleared task was fired for (so a
+        # step asked for again is never fired twice), the discards under way, the hold.
+        ps = core.pool_state(pool)
+        self.ps = ps
+        # task id -> (chain id, ref) of every task fired (or adopted) and not yet cleared
+        self.owners: dict[str, tuple[str, tuple[str, int, int]]] = ps.owners
+        # (chain id, ref) -> task id, or None while queued here: a request sent twice (a
+        # chain that re-sends after this actor restarted) is fired once
+        self.by_ref: dict[tuple[str, tuple[str, int, int]], str | None] = ps.by_ref
+        for key in [k for k, v in ps.by_ref.items() if v is None]:
+            del ps.by_ref[key]  # queued in a predecessor's lost queue: asked for again
+        self.discarding: dict[str, str] = ps.discarding  # task id -> "stopping" | "reverting"
         self.excl: set[str] = set()
         self.shared: Counter[str] = Counter()
-        self.discarding: dict[str, str] = {}  # task id -> "stopping" | "reverting"
-        # (chain id, ref) -> task id (None while queued): a request sent twice (a chain that
-        # re-sends after this actor restarted) is fired once.
-        self.by_ref: dict[tuple[str, tuple[str, int, int]], str | None] = {}
         self.retry_pending = False
         self.backoff = core.options.retry_min_s
         # Tasks found on the SPM at recovery that no chain owns. Nothing is fired on this pool
@@ -88,11 +96,26 @@ class SpmTaskActor(ThreadActor):
         # be about to fire it again, and its earlier task must be gone (reverted) first.
         self.recovery_orphans = list(orphans or ())
         self.recovery_acked = list(acked or ())
-        self.hold = bool(self.recovery_orphans)
+        if self.recovery_orphans:
+            ps.hold = True
+
+    @property
+    def hold(self) -> bool:
+        return self.ps.hold
+
+    @hold.setter
+    def hold(self, value: bool) -> None:
+        self.ps.hold = value
 
     # -- lifecycle -------------------------------------------------------------------------
 
     def on_start(self) -> None:
+        if self.discarding:
+            # Discards a failed predecessor left half done: watch them afresh, so that their
+            # end is reported to this actor, which reverts (if need be) and clears them.
+            now = time.monotonic()
+            self.core.tell_poller(self.pool, m.Watch(tuple(
+                m.Watched(task_id, None, "", now, _NEVER) for task_id in self.discarding)))
         for task_id in self.recovery_acked:
             self._clear(task_id)
         for task_id in self.recovery_orphans:
