@@ -105,7 +105,7 @@ class StepRecord:
     _as_dict: dict[str, Any] | None = field(
         default=None, init=False, repr=False, compare=False, hash=False
     )
-    _as_slim: dict[str, Any] | None = field(
+    _as_slim: list[Any] | None = field(
         default=None, init=False, repr=False, compare=False, hash=False
     )
 
@@ -113,38 +113,37 @@ class StepRecord:
         assert self.task_id is not None
         return StepResult(self.index, self.verb, self.params, self.task_id)
 
-    def to_dict(self, slim: bool = False) -> dict[str, Any]:
-        """The record as plain data (computed once per record: records never change).
-
-        ``slim`` leaves out what the chain's declarative spec already says (verb, parameters,
-        revert, resources): :meth:`from_dict` takes them back from the spec's step.
-        """
-        if slim:
-            cached = self._as_slim
-            if cached is None:
-                # A literal: msgpack packs the tuples as arrays, and nothing here is a mapping.
-                cached = {
-                    "index": self.index, "status": self.status, "task_id": self.task_id,
-                    "code": self.code, "message": self.message,
-                    "submitted_at": self.submitted_at, "fired_at": self.fired_at,
-                    "ended_at": self.ended_at, "stop_sent": self.stop_sent,
-                    "revert_status": self.revert_status, "revert_task_id": self.revert_task_id,
-                    "revert_attempts": self.revert_attempts, "revert_code": self.revert_code,
-                    "revert_message": self.revert_message,
-                    "old_revert_task_ids": self.old_revert_task_ids,
-                    "revert_stop_sent": self.revert_stop_sent,
-                }
-                object.__setattr__(self, "_as_slim", cached)
-            return cached
+    def to_dict(self) -> dict[str, Any]:
+        """The record as plain data, every field (computed once: records never change)."""
         cached = self._as_dict
         if cached is None:
             cached = {f: _plain(getattr(self, f)) for f in _RECORD_FIELDS}
             object.__setattr__(self, "_as_dict", cached)
         return cached
 
+    def to_slim(self) -> list[Any]:
+        """The record as a list of the fields a declarative spec does not already say (verb,
+        parameters, revert and resources are in the spec), in the order of ``SLIM_FIELDS``;
+        a list, not a mapping, because every live chain keeps one per step. Computed once."""
+        cached = self._as_slim
+        if cached is None:
+            # msgpack packs the tuple as an array; nothing here is a mapping.
+            cached = [
+                self.index, self.status, self.task_id, self.code, self.message,
+                self.submitted_at, self.fired_at, self.ended_at, self.stop_sent,
+                self.revert_status, self.revert_task_id, self.revert_attempts,
+                self.revert_code, self.revert_message, self.old_revert_task_ids,
+                self.revert_stop_sent,
+            ]
+            object.__setattr__(self, "_as_slim", cached)
+        return cached
+
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], step: StepSpec | None = None) -> StepRecord:
-        """Rebuild from :meth:`to_dict`; a slim record needs its spec ``step``."""
+    def from_dict(
+        cls, data: Mapping[str, Any] | Sequence[Any], step: StepSpec | None = None
+    ) -> StepRecord:
+        """Rebuild from :meth:`to_dict` or :meth:`to_slim` (which needs its spec ``step``)."""
+        data = step_fields(data)
         if "verb" not in data:
             if step is None:
                 raise KeyError("verb")
@@ -164,8 +163,19 @@ _RECORD_FIELDS = tuple(f for f in StepRecord.__dataclass_fields__ if not f.start
 _SPEC_FIELDS = frozenset(
     ("verb", "params", "revert_verb", "revert_params", "exclusive", "shared")
 )
-_SLIM_FIELDS = tuple(f for f in _RECORD_FIELDS if f not in _SPEC_FIELDS)
-assert len(_SLIM_FIELDS) == 16, "StepRecord.to_dict(slim=True) lists every slim field"
+SLIM_FIELDS = tuple(f for f in _RECORD_FIELDS if f not in _SPEC_FIELDS)
+"""The fields of :meth:`StepRecord.to_slim`'s list, in order (part of the snapshot schema)."""
+assert len(SLIM_FIELDS) == 16, "StepRecord.to_slim lists every slim field"
+
+
+def step_fields(raw: Mapping[str, Any] | Sequence[Any]) -> dict[str, Any]:
+    """A step record of a snapshot as a mapping, whether written whole (a mapping) or slim (a
+    list in ``SLIM_FIELDS`` order). Raises ValueError for a list of the wrong length."""
+    if isinstance(raw, Mapping):
+        return dict(raw)
+    if len(raw) != len(SLIM_FIELDS):
+        raise ValueError(f"a slim step record has {len(SLIM_FIELDS)} fields, not {len(raw)}")
+    return dict(zip(SLIM_FIELDS, raw, strict=True))
 
 
 def _plain(value: Any) -> Any:
@@ -232,7 +242,7 @@ class ChainState:
             "deadline_at": self.deadline_at,
             "task_timeout_s": self.task_timeout_s,
             "phase": self.phase,
-            "steps": [s.to_dict(slim) for s in self.steps],
+            "steps": [s.to_slim() if slim else s.to_dict() for s in self.steps],
             "hook": self.hook,
             "hook_index": self.hook_index,
             "cancel_reason": self.cancel_reason,

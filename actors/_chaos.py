@@ -49,7 +49,7 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any, TextIO
 
-from actors._chain import ENDED_SUCCESSFULLY, ENDED_WITH_FAILURE
+from actors._chain import ENDED_SUCCESSFULLY, ENDED_WITH_FAILURE, step_fields
 from actors._cli import _count, _positive_float, _positive_int, _rate
 from actors._engine import workload
 from actors._snapshot import SnapshotError, decode_snapshot
@@ -121,7 +121,7 @@ def _step_volumes(spec: ChainSpec) -> list[tuple[str, str, str]]:
 
 
 def _describe_live(state: Mapping[str, Any]) -> str:
-    steps = state.get("steps") or []
+    steps = [step_fields(s) for s in state.get("steps") or []]
     where = ", ".join(
         f"step {s.get('index')} {s.get('status')}"
         + (f" revert {s.get('revert_status')}" if s.get("revert_status") else "")
@@ -484,7 +484,8 @@ def _progress(store: Path, ids: set[str], steps: int) -> float:
                 state = decode_snapshot(row.blob)
             except SnapshotError:
                 continue
-            done += sum(1 for s in state.get("steps", ()) if s.get("status") == "succeeded")
+            done += sum(1 for s in state.get("steps", ())
+                        if step_fields(s).get("status") == "succeeded")
     except StoreError:
         pass
     finally:
