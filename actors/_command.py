@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from actors import _chain as ch
 from actors import _messages as m
 from actors._pool import PooledActor, WorkerPool
+from actors._supervisor import Supervised
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -48,7 +49,9 @@ class _Durable:
         self.seen_at = seen_at
 
 
-class CommandActor(PooledActor):
+class CommandActor(Supervised, PooledActor):
+    kind = "command"
+
     def __init__(
         self,
         pool: WorkerPool,
@@ -78,6 +81,9 @@ class CommandActor(PooledActor):
             self._resume()
         self._arm_deadline()
 
+    def supervision_key(self) -> str:
+        return self.chain_id
+
     def on_failure(
         self,
         exception_type: type[BaseException] | None,
@@ -86,7 +92,7 @@ class CommandActor(PooledActor):
     ) -> None:
         if self.timer is not None:
             self.timer.cancel()
-        self.core.child_failed("command", self.chain_id, exception_value)
+        super().on_failure(exception_type, exception_value, traceback)
 
     def _arm_deadline(self) -> None:
         st = self.state

@@ -23,10 +23,10 @@ import pykka
 from actors import _chain as ch
 from actors import _messages as m
 from actors._pool import ThreadActor
+from actors._supervisor import Supervised
 from spm._client import TaskStatus
 
 if TYPE_CHECKING:
-    from types import TracebackType
 
     from actors._runtime import _Core
 
@@ -54,7 +54,9 @@ class _Watch:
     zombie_told: bool = False
 
 
-class PollerActor(ThreadActor):
+class PollerActor(Supervised, ThreadActor):
+    kind = "poller"
+
 
     def __init__(self, core: _Core, pool: str) -> None:
         super().__init__()
@@ -80,13 +82,8 @@ class PollerActor(ThreadActor):
     def on_start(self) -> None:
         self._schedule(0.0)
 
-    def on_failure(
-        self,
-        exception_type: type[BaseException] | None,
-        exception_value: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.core.child_failed("poller", self.pool, exception_value)
+    def supervision_key(self) -> str:
+        return self.pool
 
     def _schedule(self, delay: float) -> None:
         self.generation += 1

@@ -21,6 +21,7 @@ from actors import _chain as ch
 from actors import _crash
 from actors import _messages as m
 from actors._pool import ThreadActor
+from actors._supervisor import Supervised
 from spm._errors import (
     NotReadyError,
     NotSpmError,
@@ -30,7 +31,6 @@ from spm._errors import (
 )
 
 if TYPE_CHECKING:
-    from types import TracebackType
 
     from actors._runtime import _Core
 
@@ -63,7 +63,9 @@ def is_queue_full(err: SpmError) -> bool:
     return err.code == CODE_ADD_TASK_ERROR
 
 
-class SpmTaskActor(ThreadActor):
+class SpmTaskActor(Supervised, ThreadActor):
+    kind = "spm_task"
+
 
     def __init__(self, core: _Core, pool: str, orphans: list[str] | None = None,
                  acked: list[str] | None = None) -> None:
@@ -122,13 +124,8 @@ class SpmTaskActor(ThreadActor):
             self._discard(task_id, "found on the SPM at recovery, owned by no chain")
         self._release_hold()
 
-    def on_failure(
-        self,
-        exception_type: type[BaseException] | None,
-        exception_value: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.core.child_failed("spm_task", self.pool, exception_value)
+    def supervision_key(self) -> str:
+        return self.pool
 
     # -- messages --------------------------------------------------------------------------
 

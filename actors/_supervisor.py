@@ -21,6 +21,8 @@ from actors import _messages as m
 from actors._pool import ThreadActor
 
 if TYPE_CHECKING:
+    from types import TracebackType
+
     from actors._runtime import _Core
 
 logger = logging.getLogger(__name__)
@@ -49,6 +51,25 @@ DEFAULT_SUPERVISION: tuple[ChildSpec, ...] = (
     ChildSpec("command", restart="transient", strategy="one_for_one",
               max_restarts=1000, period_s=10.0),
 )
+
+
+class Supervised:
+    """Mixin for a supervised actor: its failure (pykka's ``on_failure``) is reported to the
+    SupervisorActor as its ``kind`` and ``supervision_key()``."""
+
+    kind: str
+    core: _Core
+
+    def supervision_key(self) -> str:
+        raise NotImplementedError
+
+    def on_failure(
+        self,
+        exception_type: type[BaseException] | None,
+        exception_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.core.child_failed(self.kind, self.supervision_key(), exception_value)
 
 
 class SupervisorActor(ThreadActor):
