@@ -544,7 +544,12 @@ def _set_step(state: ChainState, rec: StepRecord, **changes: Any) -> tuple[Chain
 def _next_step(state: ChainState, command: Command, now: float) -> tuple[ChainState, list[Effect]]:
     """Fire the step the command decides next, or run end_successfully when there is none."""
     try:
-        step = command.next_step(state.results())
+        if isinstance(command, StepListCommand):
+            # Steps go in order and each fired one succeeded: the next is the one after them.
+            n = len(state.steps)
+            step = command.steps[n] if n < len(command.steps) else None
+        else:
+            step = command.next_step(state.results())
         if step is not None and not isinstance(step, StepSpec):
             raise TypeError(f"next_step returned {type(step).__name__}, not a StepSpec")
         if step is not None and not isinstance(command, StepListCommand):

@@ -177,17 +177,18 @@ class CommandActor(Supervised, PooledActor):
         core = self.core
         pool = self.pool_id
         chain_id = self.chain_id
+        # What goes to the pool's SpmTaskActor goes in one message (typically the
+        # acknowledgement of step k and the request for step k+1): one wake-up of its thread.
+        out: list[Any] = []
+        ended = False
         for eff in effects:
             if isinstance(eff, ch.FireTask):
-                core.tell_task_actor(
-                    pool,
-                    m.FireRequest(
-                        chain_id, eff.ref, eff.verb, eff.params, eff.exclusive, eff.shared,
-                        self.state.task_timeout_s, seen_at,
-                    ),
-                )
+                out.append(m.FireRequest(
+                    chain_id, eff.ref, eff.verb, eff.params, eff.exclusive, eff.shared,
+                    self.state.task_timeout_s, seen_at,
+                ))
             elif isinstance(eff, ch.AckTask):
-                core.tell_task_actor(pool, m.Ack(chain_id, eff.task_id))
+                out.append(m.Ack(chain_id, eff.task_id))
             elif isinstance(eff, ch.StopTask):
                 logger.info(
                     "chain %s: stopping task %s",
@@ -195,16 +196,18 @@ class CommandActor(Supervised, PooledActor):
                     eff.task_id,
                     extra={"chain_id": chain_id, "pool": pool, "task_id": eff.task_id},
                 )
-                core.tell_task_actor(pool, m.Stop(eff.task_id))
+                out.append(m.Stop(eff.task_id))
             elif isinstance(eff, ch.DiscardTask):
-                core.tell_task_actor(
-                    pool, m.Discard(eff.task_id, f"no longer wanted by chain {chain_id}")
-                )
+                out.append(m.Discard(eff.task_id, f"no longer wanted by chain {chain_id}"))
             elif isinstance(eff, ch.ChainEnded):
-                if self.timer is not None:
-                    self.timer.cancel()
-                core.chain_ended(self.entry, self.state)
-                self.stop()
+                ended = True
+        if out:
+            core.tell_task_actor(pool, out[0] if len(out) == 1 else m.Batch(tuple(out)))
+        if ended:
+            if self.timer is not None:
+                self.timer.cancel()
+            core.chain_ended(self.entry, self.state)
+            self.stop()
 
     # -- rebuilding ------------------------------------------------------------------------
 

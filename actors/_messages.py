@@ -50,6 +50,13 @@ class Ack:
 
 
 @dataclass(frozen=True, slots=True)
+class Batch:
+    """Several messages for one actor, handled in order as if sent one by one."""
+
+    messages: tuple[Any, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Stop:
     task_id: str
 

@@ -131,6 +131,16 @@ class SpmTaskActor(Supervised, ThreadActor):
 
     def on_receive(self, message: Any) -> Any:
         self.core.faults.maybe_fail("spm_task")
+        if isinstance(message, m.Batch):
+            for one in message.messages:
+                self._handle(one)
+        elif not self._handle(message):
+            return super().on_receive(message)
+        self.core.metrics.set_pool_slots(self.pool, len(self.outstanding), len(self.queue))
+        return None
+
+    def _handle(self, message: Any) -> bool:
+        """Handle one message; False when it is not one of this actor's."""
         if isinstance(message, m.FireRequest):
             key = (message.chain_id, message.ref)
             if key in self.by_ref:
@@ -139,7 +149,7 @@ class SpmTaskActor(Supervised, ThreadActor):
                     self._tell_chain(
                         message.chain_id, ch.TaskFired(message.ref, task_id, time.time())
                     )
-                return None
+                return True
             self.by_ref[key] = None
             self.queue.append(message)
             self._dispatch()
@@ -164,9 +174,8 @@ class SpmTaskActor(Supervised, ThreadActor):
             self.retry_pending = False
             self._dispatch()
         else:
-            return super().on_receive(message)
-        self.core.metrics.set_pool_slots(self.pool, len(self.outstanding), len(self.queue))
-        return None
+            return False
+        return True
 
     # -- firing ----------------------------------------------------------------------------
 
