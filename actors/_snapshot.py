@@ -136,6 +136,8 @@ def _digest(prefix: bytes, payload: bytes) -> bytes:
     # then waits up to the interpreter's switch interval (5 ms) to get it back.
     crc = zlib.crc32(prefix)
     adler = zlib.adler32(prefix)
+    if len(payload) <= _CHUNK:  # the usual case: a snapshot of a few hundred bytes
+        return _DIGEST.pack(zlib.crc32(payload, crc), zlib.adler32(payload, adler))
     view = memoryview(payload)
     for i in range(0, len(view), _CHUNK):
         chunk = view[i : i + _CHUNK]
