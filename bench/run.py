@@ -57,6 +57,7 @@ class Workload:
 
 @dataclass(frozen=True, slots=True)
 class Implementation:
+    key: str
     name: str
     baseline: bool
     extra: tuple[str, ...] = ()
@@ -86,10 +87,10 @@ QUICK_WORKLOADS: dict[str, Workload] = {
 }
 
 IMPLEMENTATIONS: tuple[Implementation, ...] = (
-    Implementation("runtime, SQLite store (durable)", False),
-    Implementation("runtime, memory store", False, ("--store", "memory")),
-    Implementation("runtime, no store", False, ("--store", "none")),
-    Implementation("bare asyncio", True),
+    Implementation("sqlite", "runtime, SQLite store (durable)", False),
+    Implementation("memory", "runtime, memory store", False, ("--store", "memory")),
+    Implementation("none", "runtime, no store", False, ("--store", "none")),
+    Implementation("asyncio", "bare asyncio", True),
 )
 
 
@@ -180,23 +181,26 @@ def _reaction_p99(report: dict[str, Any]) -> float | None:
     return float(r["p99"]) if isinstance(r, dict) and "p99" in r else None
 
 
-def run_all(workloads: Sequence[Workload], repeat: int, verbose: bool) -> list[Row]:
-    """Every implementation on every workload, ``repeat`` times, interleaved (one repeat runs
-    each implementation once, so a ratio compares runs made close in time)."""
+def run_all(workloads: Sequence[Workload], repeat: int, verbose: bool,
+            implementations: Sequence[Implementation] = IMPLEMENTATIONS) -> list[Row]:
+    """Each implementation on every workload, ``repeat`` times, interleaved (one repeat runs
+    each implementation once, so a ratio compares runs made close in time). Without the
+    baseline among ``implementations`` there are no ratios."""
     rows: dict[tuple[str, str], Row] = {}
     for w in workloads:
-        for impl in IMPLEMENTATIONS:
+        for impl in implementations:
             rows[(w.name, impl.name)] = Row(w.name, impl.name)
     with tempfile.TemporaryDirectory(prefix="spmchain-bench-") as tmpdir:
         for i in range(repeat):
             for w in workloads:
-                runs = {impl.name: run_one(w, impl, i, tmpdir, verbose) for impl in IMPLEMENTATIONS}
-                base = next(runs[impl.name] for impl in IMPLEMENTATIONS if impl.baseline)
-                for impl in IMPLEMENTATIONS:
+                runs = {impl.name: run_one(w, impl, i, tmpdir, verbose) for impl in implementations}
+                base = next((runs[impl.name] for impl in implementations if impl.baseline), None)
+                for impl in implementations:
                     row = rows[(w.name, impl.name)]
                     run = runs[impl.name]
                     row.runs.append(run)
-                    if impl.baseline or run.report is None or base.report is None:
+                    if (impl.baseline or run.report is None or base is None
+                            or base.report is None):
                         continue
                     if base.report.get("steps_per_s"):
                         row.ratios.append(run.report["steps_per_s"] / base.report["steps_per_s"])
@@ -408,6 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--big", action="store_true", help="add 100,000 chains x 5 steps on 8 pools")
     p.add_argument("--only", default=None, metavar="NAMES",
                    help="comma-separated workloads to run (capacity, task50, big)")
+    p.add_argument("--impls", default=None, metavar="KEYS",
+                   help="comma-separated implementations to run: "
+                        + ", ".join(i.key for i in IMPLEMENTATIONS) + " (default: all)")
     p.add_argument("--budget", type=float, default=None, metavar="SECONDS",
                    help="time budget of each run, instead of the workload's own (300 s; 1200 s "
                         "for big); a run that times out still reports what it did")
@@ -439,6 +446,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"{', '.join(catalog)}", file=sys.stderr)
             return 2
     workloads = [catalog[n] for n in names]
+    implementations = list(IMPLEMENTATIONS)
+    if args.impls:
+        keys = [k.strip() for k in args.impls.split(",") if k.strip()]
+        by_key = {i.key: i for i in IMPLEMENTATIONS}
+        unknown = [k for k in keys if k not in by_key]
+        if unknown:
+            print(f"bench/run.py: unknown implementation(s) {', '.join(unknown)}; known: "
+                  f"{', '.join(by_key)}", file=sys.stderr)
+            return 2
+        implementations = [by_key[k] for k in keys]
     if args.budget is not None:
         if args.budget <= 0:
             print("bench/run.py: --budget must be positive", file=sys.stderr)
@@ -447,7 +464,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = datetime.datetime.now(datetime.UTC)
     before = machine()
     t0 = time.monotonic()
-    rows = run_all(workloads, args.repeat, verbose=not args.quiet)
+    rows = run_all(workloads, args.repeat, verbose=not args.quiet,
+                   implementations=implementations)
     elapsed = time.monotonic() - t0
     after = machine()
     print(f"spmchain benchmark, {started:%Y-%m-%d %H:%M} UTC, {elapsed:.0f} s, "
