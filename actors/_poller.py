@@ -72,6 +72,8 @@ class PollerActor(Supervised, ThreadActor):
         self.generation = 0
         self.next_tick_at = 0.0
         self.watched: dict[str, _Watch] = {}
+        self.pending: dict[str, _Watch] = {}  # watched and not yet seen finished
+        self.next_redelivery = 0.0
         self.unowned: dict[str, float] = {}
         self.activity = False
         self.last_sweep = 0.0
@@ -120,12 +122,14 @@ class PollerActor(Supervised, ThreadActor):
             w = self.watched.get(t.task_id)
             self.unowned.pop(t.task_id, None)
             if w is None or w.chain_id is None:
-                self.watched[t.task_id] = _Watch(t.chain_id, t.verb, t.fired_at, t.timeout_s)
+                w = self.watched[t.task_id] = _Watch(t.chain_id, t.verb, t.fired_at, t.timeout_s)
+                self.pending[t.task_id] = w
             elif w.ended:
                 # Re-adopted after it ended (a restarted SpmTaskActor): it needs to hear again
-                # that the slot is free, and the chain needs the outcome again.
+                # that the slot is free, and the chain needs the outcome again (next pass).
                 finished_again.append(t.task_id)
                 w.delivered_at, w.redeliver_after = 0.0, 0.0
+                self.next_redelivery = 0.0
         if finished_again:
             self.core.tell_task_actor(self.pool, m.Finished(tuple(finished_again)))
         # New activity: poll soon.
@@ -166,15 +170,16 @@ class PollerActor(Supervised, ThreadActor):
         orphans_ended: list[tuple[str, bool]] = []
         lost: list[tuple[str, str]] = []
         wall = time.time()
-        for task_id, w in list(self.watched.items()):
+        # Every poll looks at the tasks not yet seen finished (at most the tasks outstanding at
+        # the SPM); the finished ones waiting for their chain's acknowledgement are looked at
+        # on the redelivery pass below, which is rarer.
+        for task_id, w in list(self.pending.items()):
             st = statuses.get(task_id)
             if st is None:
-                if w.ended:
-                    del self.watched[task_id]  # cleared
-                    continue
                 w.misses += 1
                 if w.misses >= LOST_AFTER_MISSES:
                     del self.watched[task_id]
+                    del self.pending[task_id]
                     changed = True
                     if w.chain_id is not None:
                         lost.append((w.chain_id, task_id))
@@ -193,25 +198,25 @@ class PollerActor(Supervised, ThreadActor):
                 continue
             if state != "finished":
                 continue
-            if not w.ended:
-                w.ended = True
-                changed = True
-                succeeded, code, message = _outcome(st)
-                w.succeeded, w.code, w.message = succeeded, code, message
-                if w.chain_id is None:
-                    orphans_ended.append((task_id, succeeded))
-                    continue
-                finished.append(task_id)
-            elif w.chain_id is None or now - w.delivered_at < w.redeliver_after:
+            w.ended = True
+            del self.pending[task_id]
+            changed = True
+            succeeded, code, message = _outcome(st)
+            w.succeeded, w.code, w.message = succeeded, code, message
+            if w.chain_id is None:
+                orphans_ended.append((task_id, succeeded))
                 continue
-            w.redeliver_after = (
-                self.redeliver_s if w.redeliver_after == 0.0
-                else min(w.redeliver_after * 2, 60.0)
-            )
-            w.delivered_at = now
-            deliveries.append(
-                (w.chain_id, ch.TaskEnded(task_id, w.succeeded, w.code, w.message, wall))
-            )
+            finished.append(task_id)
+            self._deliver(task_id, w, now, wall, deliveries)
+        if now >= self.next_redelivery:
+            self.next_redelivery = now + min(self.redeliver_s, 0.5)
+            for task_id, w in list(self.watched.items()):
+                if not w.ended or task_id in self.pending:
+                    continue
+                if task_id not in statuses:
+                    del self.watched[task_id]  # cleared
+                elif w.chain_id is not None and now - w.delivered_at >= w.redeliver_after:
+                    self._deliver(task_id, w, now, wall, deliveries)
         # The slot is free before the chain can react (Finished is queued first).
         if finished:
             core.tell_task_actor(self.pool, m.Finished(tuple(finished)))
@@ -245,10 +250,22 @@ class PollerActor(Supervised, ThreadActor):
         else:
             self.interval = min(self.interval * 2, self.max_s)
 
+    def _deliver(self, task_id: str, w: _Watch, now: float, wall: float,
+                 deliveries: list[tuple[str, ch.TaskEnded]]) -> None:
+        """Report ``task_id``'s end to its chain (again), backing off the next report."""
+        assert w.chain_id is not None
+        w.redeliver_after = (
+            self.redeliver_s if w.redeliver_after == 0.0 else min(w.redeliver_after * 2, 60.0)
+        )
+        w.delivered_at = now
+        deliveries.append(
+            (w.chain_id, ch.TaskEnded(task_id, w.succeeded, w.code, w.message, wall))
+        )
+
     def _sweep(self, statuses: dict[str, TaskStatus], now: float, wall: float) -> None:
         """Zombies among the watched tasks; orphans among the SPM's."""
         core = self.core
-        for task_id, w in self.watched.items():
+        for task_id, w in self.pending.items():
             if w.ended or w.zombie_told or w.chain_id is None or now - w.fired_at < w.timeout_s:
                 continue
             w.zombie_told = True
