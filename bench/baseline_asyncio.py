@@ -54,6 +54,7 @@ from actors._loadtest import (
     machine,
     peak_rss_mib,
     pool_ids,
+    spm_utilization,
 )
 from actors._spec import ChainSpec
 from spm._client import SpmClient, TaskStatus
@@ -221,21 +222,6 @@ def reaction_latency(spms: Mapping[str, SpmClient],
     return {"p50": round(_percentile(values, 0.50), 3), "p99": round(_percentile(values, 0.99), 3),
             "max": round(values[-1], 3), "mean": round(statistics.fmean(values), 3),
             "samples": len(values)}
-
-
-def spm_utilization(spms: Mapping[str, SpmClient], wall_s: float) -> float | None:
-    """Busy worker time over workers x pools x wall time; None when nothing took time."""
-    busy = capacity = 0.0
-    for client in spms.values():
-        stats = getattr(client, "stats", None)
-        if not callable(stats):
-            return None
-        s = stats()
-        busy += s.worker_busy_seconds
-        capacity += s.workers * wall_s
-    if capacity <= 0 or busy <= 0:
-        return None
-    return round(min(1.0, busy / capacity), 4)
 
 
 def _clock_of(spms: Mapping[str, SpmClient]) -> Callable[[], float]:
