@@ -93,8 +93,9 @@ def _add_loadtest(sub: Any) -> None:
                    help="shortest poll interval, right after activity (default 20)")
     p.add_argument("--poll-max-ms", type=_positive_float, default=1000.0,
                    help="longest poll interval, when nothing changes (default 1000)")
-    p.add_argument("--command-workers", type=_positive_int, default=2,
-                   help="threads running the CommandActors (default 2)")
+    p.add_argument("--command-workers", type=_positive_int, default=1,
+                   help="threads running the CommandActors (default 1: under one "
+                        "interpreter lock more threads only contend)")
     p.add_argument("--spm", metavar="URL", default=None,
                    help="use the SPM at stomp://HOST:PORT or stomp+tls://HOST:PORT instead of "
                         "in-process simulators")

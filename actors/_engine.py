@@ -101,7 +101,7 @@ class EngineConfig:
     poll_min_ms: float = 20.0
     poll_max_ms: float = 1000.0
     max_outstanding: int = 100
-    command_workers: int = 2
+    command_workers: int = 1
     timeout_s: float = 3600.0
     drain_timeout_s: float = 60.0
     orphan_grace_s: float = 30.0
@@ -324,8 +324,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="longest poll interval, when nothing changes (default 1000)")
     p.add_argument("--max-outstanding", type=_positive_int, default=100,
                    help="tasks fired and not yet finished per pool (default 100)")
-    p.add_argument("--command-workers", type=_positive_int, default=2,
-                   help="threads running the CommandActors (default 2)")
+    p.add_argument("--command-workers", type=_positive_int, default=1,
+                   help="threads running the CommandActors (default 1: under one "
+                        "interpreter lock more threads only contend)")
     p.add_argument("--timeout", type=_positive_float, default=3600.0,
                    help="give up (exit 1) when the chains have not ended after this many "
                         "seconds (default 3600)")

@@ -41,7 +41,7 @@ class LoadtestConfig:
     max_outstanding: int = 100
     poll_min_ms: float = 20.0
     poll_max_ms: float = 1000.0
-    command_workers: int = 2
+    command_workers: int = 1
     timeout_s: float = 600.0
     spm_url: str | None = None
     store: str | None = "temp"   # "temp" (a durable SQLite file in a temporary directory),

@@ -67,7 +67,9 @@ class RuntimeOptions:
     ``orphan_grace_s``: how long a task nobody owns may sit on the SPM before it is stopped,
     reverted if it succeeded, and cleared. ``deadline_s``/``task_timeout_s``: a chain's and a
     task's limits when the spec gives none. ``command_workers``: threads of the worker pool
-    that runs every CommandActor.
+    that runs every CommandActor (one by default: the work is Python under one interpreter
+    lock, and a second thread measured 20-30 % slower in the capacity load test; more threads
+    only help hooks that wait, which they must not).
     ``gc_threshold``: while the runtime runs, the collector's first generation threshold is
     raised to at least this (``gc.set_threshold``; None leaves the interpreter's setting): tens
     of thousands of live chains are millions of tracked objects, and with the default (700)
@@ -83,7 +85,7 @@ class RuntimeOptions:
     orphan_grace_s: float = 30.0
     deadline_s: float = 6 * 3600.0
     task_timeout_s: float = 3600.0
-    command_workers: int = 2
+    command_workers: int = 1
     retry_min_s: float = 0.05
     retry_max_s: float = 2.0
     recovery_timeout_s: float = 60.0
