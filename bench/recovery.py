@@ -45,30 +45,13 @@ if str(REPO) not in sys.path:
 
 from actors._loadtest import chain_spec, machine, peak_rss_mib, pool_ids  # noqa: E402
 from actors._runtime import Runtime, RuntimeOptions  # noqa: E402
+from spm._clock import HeldClock  # noqa: E402
 from spm._simulator import SimulatedSpm  # noqa: E402
 
 TASK_S = 1.0
 """Virtual duration of each first-step task fired during setup (the clock is held anyway)."""
 
 POLL: dict[str, Any] = {"poll_min_s": 0.005, "poll_max_s": 0.05, "redeliver_s": 0.5}
-
-
-class _HeldClock:
-    """Stands still until :meth:`release`; then runs, shifted ``jump`` seconds ahead."""
-
-    def __init__(self) -> None:
-        self._held: float | None = time.monotonic()
-        self._shift = 0.0
-
-    def __call__(self) -> float:
-        held = self._held
-        return held if held is not None else time.monotonic() + self._shift
-
-    def release(self, jump: float) -> None:
-        held = self._held
-        assert held is not None
-        self._shift = held + jump - time.monotonic()
-        self._held = None
 
 
 def _wait(what: str, pred: Any, timeout: float) -> None:
@@ -89,7 +72,7 @@ def setup(root: Path, chains: int, pools: int, steps: int, seed: int, in_flight:
     """Phase 1: a store with ``chains`` live chains, each with its first task on an SPM."""
     t0 = time.perf_counter()
     ids = pool_ids(pools, seed)
-    clock = _HeldClock()
+    clock = HeldClock()
     per_pool = -(-chains // pools)
     spms = {
         pool: SimulatedSpm(pool, state_dir=_state_dir(root, i), clock=clock, durations=TASK_S,

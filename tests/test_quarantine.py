@@ -24,30 +24,12 @@ from actors._loadtest import pool_ids
 from actors._runtime import Runtime, RuntimeOptions
 from actors._snapshot import HEADER_SIZE, _frame
 from actors._spec import ChainSpec
+from spm._clock import HeldClock
 from spm._simulator import SimulatedSpm
 
 WAIT = 15.0
 CHAINS = 8
 STEPS = 3
-
-
-class HeldClock:
-    """A clock for the simulator that stands still until :meth:`release`, then runs (shifted
-    ahead, so that every task that was running when it stood still is done at once)."""
-
-    def __init__(self) -> None:
-        self._held: float | None = time.monotonic()
-        self._shift = 0.0
-
-    def __call__(self) -> float:
-        held = self._held
-        return held if held is not None else time.monotonic() + self._shift
-
-    def release(self, jump: float) -> None:
-        held = self._held
-        assert held is not None
-        self._shift = held + jump - time.monotonic()
-        self._held = None
 
 
 def _wait_for(what: str, pred: Callable[[], bool], timeout: float = WAIT) -> None:
