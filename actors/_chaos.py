@@ -701,7 +701,7 @@ class _Run:
             self._engine_exited(engine, code)
             # The engine ended before its moment (nothing left to do, or it failed): the next
             # one is killed at a moment within the life this one had.
-            plan = RoundPlan("start", plan.delay_s)
+            plan = RoundPlan("start", plan.delay_s, failovers=plan.failovers)  # still owed
             scale = 0.8 * (time.monotonic() - engine.started_at)
         self._join(failovers)
         self.kills_missed += 1
