@@ -3,8 +3,11 @@
 It turns messages into chain events, calls the pure :func:`actors._chain.transition`, records
 the new state (write ahead: in the snapshot store when there is one) and only then performs the
 effects: asking the pool's SpmTaskActor to fire, stop, clear or discard a task, running the
-Command's hooks, ending the chain. Hooks run inline and feed their HookDone straight back, so a
-task end, its end hook and the next step's submission are recorded together.
+Command's hooks, ending the chain. With a group-commit store, what a record asks of the
+SpmTaskActor is sent by the store's writer as soon as the record is durable, batched per pool
+and commit (the chain's actor only takes the end of the chain back). Hooks run inline and feed
+their HookDone straight back, so a task end, its end hook and the next step's submission are
+recorded together.
 """
 
 from __future__ import annotations
@@ -76,7 +79,10 @@ class CommandActor(Supervised, PooledActor):
 
     def on_start(self) -> None:
         if self.state.phase == "new":
-            self._apply(ch.Start(time.time()))
+            if self.entry.cancel is not None:
+                self._apply(ch.Cancel(self.entry.cancel, time.time()))
+            else:
+                self._apply(ch.Start(time.time()))
         else:
             self._resume()
         self._arm_deadline()
@@ -147,7 +153,7 @@ class CommandActor(Supervised, PooledActor):
                 new, ch.HookDone(hook.hook, hook.index, error, time.time()), command
             )
         self.state = new
-        seen_at = event.now if isinstance(event, ch.TaskEnded | ch.HookDone) else None
+        seen_at = event.now if isinstance(event, ch.TaskEnded | ch.HookDone | ch.Start) else None
         if not self.core.record(self.entry, new, out, seen_at, self):
             self._perform(out, seen_at)
 
@@ -176,31 +182,8 @@ class CommandActor(Supervised, PooledActor):
     def _perform(self, effects: list[ch.Effect], seen_at: float | None) -> None:
         core = self.core
         pool = self.pool_id
-        chain_id = self.chain_id
-        # What goes to the pool's SpmTaskActor goes in one message (typically the
-        # acknowledgement of step k and the request for step k+1): one wake-up of its thread.
-        out: list[Any] = []
-        ended = False
-        for eff in effects:
-            if isinstance(eff, ch.FireTask):
-                out.append(m.FireRequest(
-                    chain_id, eff.ref, eff.verb, eff.params, eff.exclusive, eff.shared,
-                    self.state.task_timeout_s, seen_at,
-                ))
-            elif isinstance(eff, ch.AckTask):
-                out.append(m.Ack(chain_id, eff.task_id))
-            elif isinstance(eff, ch.StopTask):
-                logger.info(
-                    "chain %s: stopping task %s",
-                    chain_id,
-                    eff.task_id,
-                    extra={"chain_id": chain_id, "pool": pool, "task_id": eff.task_id},
-                )
-                out.append(m.Stop(eff.task_id))
-            elif isinstance(eff, ch.DiscardTask):
-                out.append(m.Discard(eff.task_id, f"no longer wanted by chain {chain_id}"))
-            elif isinstance(eff, ch.ChainEnded):
-                ended = True
+        out, ended = task_messages(effects, self.chain_id, pool, self.state.task_timeout_s,
+                                   seen_at)
         if out:
             core.tell_task_actor(pool, out[0] if len(out) == 1 else m.Batch(tuple(out)))
         if ended:
@@ -226,6 +209,35 @@ class CommandActor(Supervised, PooledActor):
     def _readopt(self) -> None:
         for adopt in adopts_of(self.state):
             self.core.tell_task_actor(self.pool_id, adopt)
+
+
+def task_messages(effects: list[ch.Effect], chain_id: str, pool: str, task_timeout_s: float,
+                  seen_at: float | None) -> tuple[list[Any], bool]:
+    """What ``effects`` ask of the pool's SpmTaskActor, in order (sent in one message: one
+    wake-up of its thread), and whether they end the chain."""
+    out: list[Any] = []
+    ended = False
+    for eff in effects:
+        if isinstance(eff, ch.FireTask):
+            out.append(m.FireRequest(
+                chain_id, eff.ref, eff.verb, eff.params, eff.exclusive, eff.shared,
+                task_timeout_s, seen_at,
+            ))
+        elif isinstance(eff, ch.AckTask):
+            out.append(m.Ack(chain_id, eff.task_id))
+        elif isinstance(eff, ch.StopTask):
+            logger.info(
+                "chain %s: stopping task %s",
+                chain_id,
+                eff.task_id,
+                extra={"chain_id": chain_id, "pool": pool, "task_id": eff.task_id},
+            )
+            out.append(m.Stop(eff.task_id))
+        elif isinstance(eff, ch.DiscardTask):
+            out.append(m.Discard(eff.task_id, f"no longer wanted by chain {chain_id}"))
+        elif isinstance(eff, ch.ChainEnded):
+            ended = True
+    return out, ended
 
 
 def adopts_of(state: ch.ChainState) -> list[m.Adopt]:

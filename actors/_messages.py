@@ -11,8 +11,9 @@ from typing import Any
 class FireRequest:
     """CommandActor → SpmTaskActor: fire ``verb`` for the chain's step or revert ``ref``.
 
-    ``seen_at`` is when the event that led to this request was seen (monotonic), for the
-    reaction-latency metric; None for a chain's first step.
+    ``seen_at`` is when the event that led to this request was seen (``time.time()``: a task's
+    end seen by the poller, a hook done, the chain started), for the reaction-latency metric
+    and the pool's admission; None for a request sent again (after a restart).
     """
 
     chain_id: str

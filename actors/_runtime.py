@@ -15,7 +15,8 @@ import pykka
 
 from actors import _chain as ch
 from actors import _messages as m
-from actors._command import CommandActor, _Durable, resync_of
+from actors._admission import PoolAdmission
+from actors._command import CommandActor, _Durable, resync_of, task_messages
 from actors._faults import FaultInjector
 from actors._ids import new_hex
 from actors._poller import PollerActor
@@ -70,6 +71,13 @@ class RuntimeOptions:
     that runs every CommandActor (one by default: the work is Python under one interpreter
     lock, and a second thread measured 20-30 % slower in the capacity load test; more threads
     only help hooks that wait, which they must not).
+    ``admission_target_s``: a pool runs only as many of its chains at once as keeps the
+    runtime's own share of reaction latency (from a task's end seen to the chain's next task
+    fired) under this, in its 90th percentile: the limit adapts as the pool's tasks are fired,
+    and the other chains wait, accepted and recorded, to be started in the order submitted
+    (see ``actors._admission``). None: no adaptive limit. ``max_running``: a fixed upper bound
+    on the chains of one pool running at once (None: none); with ``admission_target_s=None``
+    and ``max_running=None`` every chain starts as soon as it is submitted.
     ``gc_threshold``: while the runtime runs, the collector's first generation threshold is
     raised to at least this (``gc.set_threshold``; None leaves the interpreter's setting): tens
     of thousands of live chains are millions of tracked objects, and with the default (700)
@@ -90,6 +98,8 @@ class RuntimeOptions:
     retry_max_s: float = 2.0
     recovery_timeout_s: float = 60.0
     gc_threshold: int | None = 50_000
+    admission_target_s: float | None = 0.015
+    max_running: int | None = None
     supervision: tuple[ChildSpec, ...] = DEFAULT_SUPERVISION
     fault_rates: Mapping[str, float] = field(default_factory=dict)
     fault_seed: int | None = None
@@ -124,6 +134,15 @@ class RuntimeOptions:
                 f"RuntimeOptions.gc_threshold must be a positive integer or None, got "
                 f"{self.gc_threshold!r}"
             )
+        if self.admission_target_s is not None:
+            positive("admission_target_s", self.admission_target_s)
+        if self.max_running is not None and (
+            not isinstance(self.max_running, int) or self.max_running < 1
+        ):
+            raise ValueError(
+                f"RuntimeOptions.max_running must be an integer >= 1 or None, got "
+                f"{self.max_running!r}"
+            )
         if self.poll_max_s < self.poll_min_s:
             raise ValueError(
                 f"RuntimeOptions.poll_max_s ({self.poll_max_s}) is below poll_min_s "
@@ -148,7 +167,8 @@ class ChainResult:
 class _Entry:
     """The runtime's record of one live chain."""
 
-    __slots__ = ("actor", "chain_id", "durable", "handle", "pool", "ref", "state")
+    __slots__ = ("actor", "cancel", "chain_id", "durable", "handle", "pool", "ref", "running",
+                 "state")
 
     def __init__(self, chain_id: str, pool: str, state: ch.ChainState, handle: ChainHandle):
         self.chain_id = chain_id
@@ -158,6 +178,8 @@ class _Entry:
         self.handle = handle
         self.ref: pykka.ActorRef[Any] | None = None
         self.actor: CommandActor | None = None
+        self.running = False  # admitted (counted by its pool's admission) and not ended
+        self.cancel: str | None = None  # cancelled while waiting: the reason, applied at start
 
 
 class ChainHandle:
@@ -240,10 +262,21 @@ class _Core:
         self.scheduler = Scheduler()
         self.workers = WorkerPool(options.command_workers)
         self.chains: dict[str, _Entry] = {}
+        self.admissions: dict[str, PoolAdmission[_Entry]] = {
+            pool: PoolAdmission(target_s=options.admission_target_s,
+                                maximum=options.max_running)
+            for pool in spms
+        }
         self.task_actors: dict[str, pykka.ActorRef[Any]] = {}
         self.pollers: dict[str, pykka.ActorRef[Any]] = {}
         self.supervisor: pykka.ActorRef[Any] | None = None
         self.stopping = False
+        # What durable records ask of each pool's SpmTaskActor, queued by the store's writer
+        # (its only user) and sent once per commit: see record().
+        self.outbox: dict[str, list[Any]] = {}
+        self.batched = isinstance(store, GroupCommitStore)
+        if isinstance(store, GroupCommitStore):
+            store._after_durable = self.send_outbox
 
     # -- telling -----------------------------------------------------------------------------
 
@@ -316,18 +349,37 @@ class _Core:
             entry.durable = state
             return False
         blob = encode_snapshot(state.to_dict(with_spec=False), checked=False)
-        callback = None
+        callback: Callable[[], None] | None = None
         if effects:
             # Every state that asks for a fire or a stop comes with effects: the callback is
             # where it becomes what a rebuilt SpmTaskActor may act upon (see resync).
-            ref = actor.actor_ref
+            pool = entry.pool
+            msgs, ended = task_messages(effects, entry.chain_id, pool, state.task_timeout_s,
+                                        seen_at)
+            if ended or not self.batched:
+                ref = actor.actor_ref
 
-            def callback() -> None:
-                entry.durable = state
-                try:
-                    ref.tell(_Durable(effects, seen_at))
-                except pykka.ActorDeadError:
-                    pass  # the rebuilt actor redoes what is safe to redo (resume_effects)
+                def callback() -> None:
+                    entry.durable = state
+                    try:
+                        ref.tell(_Durable(effects, seen_at))
+                    except pykka.ActorDeadError:
+                        pass  # the rebuilt actor redoes what is safe to redo (resume_effects)
+            else:
+                # Straight from the writer to the SpmTaskActor, not through the chain's actor:
+                # one hop and one actor turn less a step. Safe if the actor died meanwhile:
+                # its successor asks again, and the SpmTaskActor fires a (chain, step) once and
+                # takes a second clear of a task as done.
+                outbox = self.outbox
+
+                def callback() -> None:
+                    entry.durable = state
+                    if msgs:
+                        box = outbox.get(pool)
+                        if box is None:
+                            outbox[pool] = list(msgs)
+                        else:
+                            box.extend(msgs)
 
         try:
             store.save(entry.chain_id, blob, ended=state.ended, on_durable=callback)
@@ -337,8 +389,19 @@ class _Core:
             raise
         return True
 
+    def send_outbox(self) -> None:
+        """On the store's writer, after a commit's callbacks: send what they queued."""
+        outbox = self.outbox
+        if not outbox:
+            return
+        items = list(outbox.items())
+        outbox.clear()
+        for pool, msgs in items:
+            self.tell_task_actor(pool, msgs[0] if len(msgs) == 1 else m.Batch(tuple(msgs)))
+
     def chain_ended(self, entry: _Entry, state: ch.ChainState) -> None:
         self.chains.pop(entry.chain_id, None)
+        self.left(entry)
         for _ref, task_id, _rec in state.in_flight():
             if task_id is not None and task_id in self.task_owners:
                 self.task_owners[task_id] = None  # discarded by the chain's end
@@ -408,6 +471,7 @@ class _Core:
                     logger.error("chain %s: snapshot quarantined: %s", chain_id, exc,
                                  extra={"chain_id": chain_id, "pool": entry.pool})
                     self.chains.pop(chain_id, None)
+                    self.left(entry)
                     return
         entry.state = entry.durable = state
         self.start_chain_actor(entry, state)
@@ -415,6 +479,47 @@ class _Core:
     def start_chain_actor(self, entry: _Entry, state: ch.ChainState) -> None:
         command = state.spec.make_command()
         entry.ref = CommandActor.start(self.workers, self, entry, state, command)
+
+    # -- admission ---------------------------------------------------------------------------
+
+    def admit(self, entry: _Entry) -> None:
+        """A chain that has not started: start it now if its pool admits it, else it waits."""
+        adm = self.admissions[entry.pool]
+        if adm.offer(entry):
+            entry.running = True
+            self.start_chain_actor(entry, entry.state)
+        self.metrics.set_admission(entry.pool, len(adm.waiting), adm.running, adm.limit)
+
+    def run_now(self, entry: _Entry) -> None:
+        """Start a chain regardless of its pool's limit (it is half done, or being cancelled)."""
+        adm = self.admissions[entry.pool]
+        adm.enter()
+        entry.running = True
+        self.start_chain_actor(entry, entry.state)
+        self.metrics.set_admission(entry.pool, len(adm.waiting), adm.running, adm.limit)
+
+    def left(self, entry: _Entry) -> None:
+        """A running chain ended (or was quarantined): start the chains it made room for."""
+        if not entry.running:
+            return
+        entry.running = False
+        self.start_admitted(entry.pool, self.admissions[entry.pool].ended())
+
+    def reaction(self, pool: str, delay_s: float) -> None:
+        """One sample of the runtime's own delay on ``pool`` (see actors._admission)."""
+        adm = self.admissions[pool]
+        if adm.target_s is not None:
+            self.start_admitted(pool, adm.observe(delay_s))
+
+    def start_admitted(self, pool: str, entries: list[_Entry]) -> None:
+        for entry in entries:
+            if self.stopping or self.chains.get(entry.chain_id) is not entry:
+                self.admissions[pool].ended()  # stopped or gone meanwhile: not running
+                continue
+            entry.running = True
+            self.start_chain_actor(entry, entry.state)
+        adm = self.admissions[pool]
+        self.metrics.set_admission(pool, len(adm.waiting), adm.running, adm.limit)
 
     def escalate(self, reason: str) -> None:
         threading.Thread(target=self.rt._escalate, args=(reason,), daemon=True,
@@ -524,6 +629,8 @@ class Runtime:
         core.supervisor = SupervisorActor.start(core, self.options.supervision)
         for pool in self.pools:
             self.metrics.declare_pool(pool)
+            adm = core.admissions[pool]
+            self.metrics.set_admission(pool, 0, 0, adm.limit)
             core.start_pool_actors(pool)
         for state in recovered:
             handle = ChainHandle(self, state.chain_id, state.spec.pool)
@@ -533,7 +640,10 @@ class Runtime:
             self.metrics.chain_resumed(state.spec.command_type)
         for handle in self.recovered:
             entry = core.chains[handle.chain_id]
-            core.start_chain_actor(entry, entry.state)
+            if entry.state.phase == "new":
+                core.admit(entry)  # had not started: waits its turn as if just submitted
+            else:
+                core.run_now(entry)
         if recovered:
             logger.info("recovered %d chains from the snapshot store", len(recovered))
         return self
@@ -772,6 +882,9 @@ class Runtime:
                 pass
         core.scheduler.stop()
         core.workers.shutdown(max(0.1, deadline - time.monotonic()))
+        store = self.store
+        if isinstance(store, GroupCommitStore) and store._after_durable == core.send_outbox:
+            store._after_durable = None  # a store passed in may serve a later runtime
         self._close_store()
         if self.metrics_server is not None:
             self.metrics_server.stop()
@@ -828,7 +941,7 @@ class Runtime:
                 store.save(chain_id, encode_snapshot(state.to_dict(with_spec=False),
                                                      checked=False), spec=spec.packed())
         self.metrics.chain_started(spec.command_type)
-        core.start_chain_actor(entry, state)
+        core.admit(entry)
         return handle
 
     def chains(self) -> list[ch.ChainState]:
@@ -848,7 +961,14 @@ class Runtime:
         """Cancel a live chain (see :meth:`ChainHandle.cancel`). False if it is not live."""
         core = self._core
         entry = core.chains.get(chain_id) if core else None
-        if entry is None or entry.ref is None:
+        if entry is None or core is None:
+            return False
+        if entry.ref is None and core.admissions[entry.pool].remove(entry):
+            # Waiting, never started: start it now to end it (end_with_failure, no revert).
+            entry.cancel = reason
+            core.run_now(entry)
+            return True
+        if entry.ref is None:
             return False
         try:
             entry.ref.tell(ch.Cancel(reason, time.time()))

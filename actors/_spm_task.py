@@ -277,7 +277,10 @@ class SpmTaskActor(Supervised, ThreadActor):
                 else:
                     core.metrics.step_fired(req.verb)
                 if req.seen_at is not None:
-                    core.metrics.reaction(max(0.0, time.time() - req.seen_at))
+                    delay = max(0.0, time.time() - req.seen_at)
+                    if req.ref[1] > 0 or req.ref[0] == "revert":
+                        core.metrics.reaction(delay)  # a chain's first step reacts to nothing
+                    core.reaction(self.pool, delay)
                 logger.debug(
                     "pool %s: chain %s fired %s as task %s",
                     self.pool,

@@ -334,6 +334,9 @@ class GroupCommitStore(SnapshotStore):
         self._max_batch = max_batch
         self._on_commit = on_commit
         self._on_failure = on_failure
+        # Called by the writer once a commit's on_durable callbacks have all run (the runtime
+        # sends what they queued, one message per actor and commit).
+        self._after_durable: Callable[[], None] | None = None
         self._clock = clock
         self._cond = threading.Condition(threading.Lock())
         self._pending: collections.deque[_Segment] = collections.deque()
@@ -623,6 +626,12 @@ class GroupCommitStore(SnapshotStore):
                     except Exception:
                         errors += 1
                         _log.exception("snapshot on_durable callback raised")
+        if self._after_durable is not None:
+            try:
+                self._after_durable()
+            except Exception:
+                errors += 1
+                _log.exception("snapshot store after_durable callback raised")
         return errors
 
     def _fail(self, exc: BaseException, in_flight: int) -> None:

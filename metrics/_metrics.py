@@ -156,6 +156,9 @@ class RuntimeMetrics(Collector):
     poll_errors_total                         counter    pool
     spm_tasks_outstanding                     gauge      pool
     spm_tasks_queued                          gauge      pool
+    chains_waiting                            gauge      pool
+    chains_running                            gauge      pool
+    chains_running_limit                      gauge      pool
     zombie_tasks_total                        counter    pool
     orphan_tasks_total                        counter    pool
     actor_restarts_total                      counter    kind
@@ -181,6 +184,7 @@ class RuntimeMetrics(Collector):
         self._poll_duration: dict[str, _Histogram] = {}
         self._poll_errors: dict[str, count[int]] = {}
         self._pool_slots: dict[str, tuple[int, int]] = {}
+        self._admission: dict[str, tuple[int, int, float]] = {}
         self._zombie_tasks: dict[str, count[int]] = {}
         self._orphan_tasks: dict[str, count[int]] = {}
         self._actor_restarts: dict[str, count[int]] = {}
@@ -289,6 +293,7 @@ class RuntimeMetrics(Collector):
             self._zombie_tasks,
             self._orphan_tasks,
             self._pool_slots,
+            self._admission,
             self._poll_duration,
         ):
             series.pop(pool, None)
@@ -314,6 +319,11 @@ class RuntimeMetrics(Collector):
         """``pool``'s SpmTaskActor has ``outstanding`` tasks at the SPM (fired, not finished) and
         ``queued`` waiting for a slot; sets both gauges."""
         self._pool_slots[pool] = (outstanding, queued)
+
+    def set_admission(self, pool: str, waiting: int, running: int, limit: float) -> None:
+        """``pool`` has ``waiting`` chains accepted and not started, ``running`` started and not
+        ended, and admits up to ``limit`` at once (inf: no limit); sets the three gauges."""
+        self._admission[pool] = (waiting, running, limit)
 
     def zombie_task(self, pool: str) -> None:
         """A task of ``pool`` ran past its deadline and was declared a zombie."""
@@ -467,6 +477,31 @@ class RuntimeMetrics(Collector):
             queued.add_metric([pool], n_queued)
         yield outstanding
         yield queued
+
+        admission = dict(self._admission) if with_samples else {}
+        waiting = GaugeMetricFamily(
+            "spmchain_chains_waiting",
+            "Chains accepted and not yet started, waiting for their pool to admit them, by pool.",
+            labels=["pool"],
+        )
+        running = GaugeMetricFamily(
+            "spmchain_chains_running",
+            "Chains started and not yet ended, by pool.",
+            labels=["pool"],
+        )
+        limit = GaugeMetricFamily(
+            "spmchain_chains_running_limit",
+            "How many chains the pool runs at once (adapted to keep the runtime's own reaction "
+            "delay under its target; +Inf: no limit), by pool.",
+            labels=["pool"],
+        )
+        for pool, (n_waiting, n_running, n_limit) in admission.items():
+            waiting.add_metric([pool], n_waiting)
+            running.add_metric([pool], n_running)
+            limit.add_metric([pool], n_limit)
+        yield waiting
+        yield running
+        yield limit
 
         yield _counter_family(
             "spmchain_zombie_tasks",

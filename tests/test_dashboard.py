@@ -137,6 +137,8 @@ def test_dashboard_covers_the_operators_questions() -> None:
         "spmchain_reaction_latency_seconds",
         "spmchain_spm_tasks_outstanding",
         "spmchain_spm_tasks_queued",
+        "spmchain_chains_waiting",
+        "spmchain_chains_running_limit",
         "spmchain_poll_duration_seconds",
         "spmchain_poll_errors_total",
         "spmchain_actor_restarts_total",

@@ -39,6 +39,9 @@ SPECIFIED: dict[str, tuple[str, frozenset[str]]] = {
     "spmchain_poll_errors_total": ("counter", frozenset({"pool"})),
     "spmchain_spm_tasks_outstanding": ("gauge", frozenset({"pool"})),
     "spmchain_spm_tasks_queued": ("gauge", frozenset({"pool"})),
+    "spmchain_chains_waiting": ("gauge", frozenset({"pool"})),
+    "spmchain_chains_running": ("gauge", frozenset({"pool"})),
+    "spmchain_chains_running_limit": ("gauge", frozenset({"pool"})),
     "spmchain_zombie_tasks_total": ("counter", frozenset({"pool"})),
     "spmchain_orphan_tasks_total": ("counter", frozenset({"pool"})),
     "spmchain_actor_restarts_total": ("counter", frozenset({"kind"})),
@@ -63,6 +66,7 @@ def record_one_of_everything(m: RuntimeMetrics) -> None:
     m.poll("pool-a", 0.004)
     m.poll_error("pool-a")
     m.set_pool_slots("pool-a", 10, 3)
+    m.set_admission("pool-a", 7, 32, 32.5)
     m.zombie_task("pool-a")
     m.orphan_task("pool-a")
     m.actor_restarted("poller")
@@ -239,6 +243,19 @@ def test_pool_events_poll_slots_zombies_and_orphans(metrics: RuntimeMetrics) -> 
     assert value(metrics, "spmchain_spm_tasks_outstanding", pool="pool-b") == 1
     assert value(metrics, "spmchain_zombie_tasks_total", pool="pool-b") == 1
     assert value(metrics, "spmchain_orphan_tasks_total", pool="pool-b") == 2
+
+
+def test_admission_gauges_per_pool_with_no_limit_exposed_as_inf(metrics: RuntimeMetrics) -> None:
+    metrics.set_admission("pool-a", 120, 40, 40.7)
+    metrics.set_admission("pool-b", 0, 3, float("inf"))
+    assert value(metrics, "spmchain_chains_waiting", pool="pool-a") == 120
+    assert value(metrics, "spmchain_chains_running", pool="pool-a") == 40
+    assert value(metrics, "spmchain_chains_running_limit", pool="pool-a") == 40.7
+    assert value(metrics, "spmchain_chains_running_limit", pool="pool-b") == float("inf")
+    assert 'spmchain_chains_running_limit{pool="pool-b"} +Inf' in (
+        generate_latest(metrics.registry).decode())
+    metrics.forget_pool("pool-b")
+    assert value(metrics, "spmchain_chains_running", pool="pool-b") is None
 
 
 def test_declare_pool_creates_its_series_at_zero_and_forget_pool_drops_them(

@@ -315,6 +315,9 @@ BAD_OPTIONS: list[tuple[dict[str, Any], str]] = [
     ({"retry_min_s": 0}, "retry_min_s"),
     ({"fault_rates": {"command": 1.5}}, "fault_rates"),
     ({"fault_rates": {"no-such-actor": 0.1}}, "fault_rates"),
+    ({"admission_target_s": 0}, "admission_target_s"),
+    ({"max_running": 0}, "max_running"),
+    ({"max_running": 1.5}, "max_running"),
 ]
 
 

@@ -1,0 +1,146 @@
+"""Admission: how many of a pool's chains run at once.
+
+Every submitted chain is accepted at once (recorded, listed, cancellable), but a chain only
+*runs* — gets a CommandActor that fires its first step — when its pool admits it. A pool admits
+chains first come first served while fewer than ``limit`` of its chains run; the others wait.
+
+The limit adapts to what the runtime itself adds to a chain's reaction latency: the time from a
+task's end seen by the poller to the next task of its chain fired (and from a chain's admission
+to its first task fired). Those delays are sampled as the pool's SpmTaskActor fires; once per
+window the limit is moved toward what keeps their 90th percentile under ``target_s``:
+
+- above the target, the limit shrinks in proportion (at most halved in one window): more
+  chains running at once only makes every one of them wait longer for its next step;
+- well under it, and the limit actually binding (chains wait), it grows (25 % a window when
+  the delays are under half the target, 5 % up to 80 %).
+
+Without an adaptive target (``target_s=None``) the limit is fixed (``maximum``; None: no limit).
+The delays that count are the runtime's own share of the reaction latency; the poll interval
+comes on top. A slow SPM makes them grow too (requests wait for a free slot): the limit then
+settles where the SPM's slots are kept full, with the rest of the chains waiting unstarted
+rather than half done.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+__all__ = ["PoolAdmission"]
+
+T = TypeVar("T")
+
+
+class PoolAdmission(Generic[T]):
+    """The admission of one pool's chains (thread-safe). ``T`` is whatever the caller starts."""
+
+    __slots__ = (
+        "_clock", "_lock", "_samples", "_window_end", "limit", "maximum", "minimum",
+        "running", "target_s", "waiting", "window_s",
+    )
+
+    def __init__(
+        self,
+        *,
+        target_s: float | None,
+        initial: int = 32,
+        minimum: int = 4,
+        maximum: int | None = None,
+        window_s: float = 0.1,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.target_s = target_s
+        self.minimum = max(1, minimum)
+        self.maximum = maximum
+        if target_s is None:
+            self.limit = float(maximum) if maximum is not None else float("inf")
+        else:
+            start = max(self.minimum, initial)
+            self.limit = float(min(start, maximum) if maximum is not None else start)
+        self.window_s = window_s
+        self.running = 0
+        self.waiting: deque[T] = deque()
+        self._samples: list[float] = []
+        self._clock = clock
+        self._window_end = clock() + window_s
+        self._lock = threading.Lock()
+
+    # -- chains coming and going -------------------------------------------------------------
+
+    def offer(self, item: T) -> bool:
+        """A new chain: True when it runs now (the caller starts it), False when it waits."""
+        with self._lock:
+            if not self.waiting and self.running < self.limit:
+                self.running += 1
+                return True
+            self.waiting.append(item)
+            return False
+
+    def enter(self) -> None:
+        """A chain that runs regardless (resumed half done, or cancelled while waiting)."""
+        with self._lock:
+            self.running += 1
+
+    def remove(self, item: T) -> bool:
+        """Take a waiting chain out (True), or say it is not waiting (False)."""
+        with self._lock:
+            try:
+                self.waiting.remove(item)
+            except ValueError:
+                return False
+            return True
+
+    def ended(self) -> list[T]:
+        """A running chain ended: the waiting chains that run now, in order."""
+        with self._lock:
+            self.running = max(0, self.running - 1)
+            return self._admit()
+
+    # -- adapting ----------------------------------------------------------------------------
+
+    def observe(self, delay_s: float) -> list[T]:
+        """One delay of the runtime's own (seconds); at the end of a window the limit moves.
+        Returns the waiting chains that run now (when the limit grew)."""
+        if self.target_s is None:
+            return []
+        now = self._clock()
+        with self._lock:
+            self._samples.append(delay_s)
+            if now < self._window_end:
+                return []
+            return self._adapt(now)
+
+    def _adapt(self, now: float) -> list[T]:
+        samples = self._samples
+        self._samples = []
+        self._window_end = now + self.window_s
+        target = self.target_s
+        assert target is not None
+        if len(samples) < 4:
+            return []
+        samples.sort()
+        p90 = samples[(len(samples) * 9) // 10]
+        limit = self.limit
+        if p90 > target:
+            limit *= max(0.5, target / p90)
+        elif self.waiting and self.running >= limit - 1:
+            if p90 < 0.5 * target:
+                limit = limit * 1.25 + 1
+            elif p90 < 0.8 * target:
+                limit = limit * 1.05 + 1
+        limit = max(float(self.minimum), limit)
+        if self.maximum is not None:
+            limit = min(float(self.maximum), limit)
+        self.limit = limit
+        return self._admit()
+
+    def _admit(self) -> list[T]:
+        out: list[T] = []
+        waiting = self.waiting
+        while waiting and self.running < self.limit:
+            out.append(waiting.popleft())
+            self.running += 1
+        return out

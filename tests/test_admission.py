@@ -1,0 +1,212 @@
+"""Admission: how many of a pool's chains run at once, and what the waiting ones are."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+from conftest import FAST, WAIT, ScriptedSpm, chain, step
+
+from actors._admission import PoolAdmission
+from actors._chain import ENDED_SUCCESSFULLY, ENDED_WITH_FAILURE
+from actors._runtime import Runtime, RuntimeOptions
+
+pytestmark = pytest.mark.timeout(30)
+
+MakeRuntime = Callable[..., Runtime]
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _adm(**kw: object) -> tuple[PoolAdmission[str], _Clock]:
+    clock = _Clock()
+    args: dict[str, object] = {"target_s": 0.01, "initial": 4, "minimum": 2, "window_s": 0.1}
+    args.update(kw)
+    return PoolAdmission(clock=clock, **args), clock  # type: ignore[arg-type]
+
+
+def _window(adm: PoolAdmission[str], clock: _Clock, delay: float, n: int = 10) -> list[str]:
+    """``n`` samples of ``delay`` and the end of the window; what was admitted by it."""
+    out: list[str] = []
+    for _ in range(n - 1):
+        out += adm.observe(delay)
+    clock.t += adm.window_s
+    out += adm.observe(delay)
+    return out
+
+
+# -- the pure controller -----------------------------------------------------------------------
+
+
+def test_chains_beyond_the_limit_wait_and_start_in_order_as_others_end() -> None:
+    adm, _ = _adm(target_s=None, maximum=2)
+    assert [adm.offer(c) for c in "abcde"] == [True, True, False, False, False]
+    assert adm.running == 2
+    assert list(adm.waiting) == ["c", "d", "e"]
+    assert adm.ended() == ["c"]
+    assert adm.ended() == ["d"]
+    assert adm.running == 2
+    assert adm.remove("e") is True
+    assert adm.remove("e") is False
+    assert adm.ended() == []
+    assert adm.running == 1
+
+
+def test_a_new_chain_waits_behind_the_waiting_ones_even_when_a_slot_is_free() -> None:
+    adm, _ = _adm(target_s=None, maximum=1)
+    assert adm.offer("a") and not adm.offer("b")
+    adm.enter()  # a chain that runs regardless (resumed half done)
+    assert adm.running == 2
+    assert adm.ended() == []  # still at the limit
+    assert adm.ended() == ["b"]
+    assert adm.offer("c") is False  # one runs: the limit again
+
+
+def test_no_target_and_no_maximum_admits_everything() -> None:
+    adm, clock = _adm(target_s=None)
+    assert all(adm.offer(str(i)) for i in range(1000))
+    assert _window(adm, clock, 10.0) == []
+    assert adm.limit == float("inf")
+
+
+def test_the_limit_shrinks_in_proportion_when_delays_pass_the_target() -> None:
+    adm, clock = _adm(initial=40, minimum=2)
+    for i in range(50):
+        adm.offer(str(i))
+    assert adm.limit == 40
+    _window(adm, clock, 0.02)  # twice the target: halved
+    assert adm.limit == pytest.approx(20)
+    _window(adm, clock, 0.0125)  # 25 % over: 80 %
+    assert adm.limit == pytest.approx(16)
+    for _ in range(20):
+        _window(adm, clock, 1.0)
+    assert adm.limit == 2  # never below the minimum
+    # Running chains are not stopped; no new one starts until enough have ended.
+    assert adm.running == 40
+    assert adm.ended() == []
+
+
+def test_the_limit_grows_only_while_chains_wait_and_delays_stay_well_under_the_target() -> None:
+    adm, clock = _adm(initial=4, maximum=100)
+    for i in range(4):
+        assert adm.offer(str(i))
+    # Nothing waits: the limit is not what bounds anything; it does not grow.
+    _window(adm, clock, 0.001)
+    assert adm.limit == 4
+    for i in range(4, 200):
+        adm.offer(str(i))
+    admitted = _window(adm, clock, 0.001)  # under half the target: +25 % (+1)
+    assert adm.limit == pytest.approx(6)
+    assert admitted == ["4", "5"]
+    _window(adm, clock, 0.007)  # between half and 80 %: +5 % (+1)
+    assert adm.limit == pytest.approx(7.3)
+    assert adm.running == 8  # while fewer run than the limit (7.3), one more starts
+    _window(adm, clock, 0.009)  # close to the target: holds
+    assert adm.limit == pytest.approx(7.3)
+    for _ in range(50):
+        _window(adm, clock, 0.0)
+    assert adm.limit == 100  # never above the maximum
+    assert adm.running == 100
+
+
+def test_a_window_with_too_few_samples_changes_nothing() -> None:
+    adm, clock = _adm(initial=10)
+    for i in range(20):
+        adm.offer(str(i))
+    _window(adm, clock, 1.0, n=3)
+    assert adm.limit == 10
+
+
+# -- in the runtime ----------------------------------------------------------------------------
+
+
+def _fixed(limit: int) -> dict[str, object]:
+    return {"admission_target_s": None, "max_running": limit}
+
+
+def test_at_most_max_running_chains_of_a_pool_run_the_rest_wait_unstarted(
+    make_runtime: MakeRuntime,
+) -> None:
+    spm = ScriptedSpm(pool="A")
+    rt = make_runtime(spm, **_fixed(2))
+    handles = [rt.submit(chain("A", step("create", params={"n": i}))) for i in range(5)]
+    fired = spm.wait_fired(2)
+    spm.wait_polls(3)
+    assert len(spm.fired) == 2  # the other three wait
+    phases = sorted(s.phase for s in rt.chains())
+    assert phases == ["new", "new", "new", "running", "running"]
+    assert [dict(t.params)["n"] for t in fired] == [0, 1]
+    for k in range(5):
+        spm.finish(spm.wait_fired(k + 1)[k].task_id)
+        assert handles[k].result(WAIT).outcome == ENDED_SUCCESSFULLY
+    # Started in the order submitted, never more than two at once.
+    assert [dict(t.params)["n"] for t in spm.fired] == [0, 1, 2, 3, 4]
+    text = rt.metrics.registry.get_sample_value("spmchain_chains_waiting", {"pool": "A"})
+    assert text == 0
+
+
+def test_cancelling_a_waiting_chain_ends_it_with_failure_without_firing_anything(
+    make_runtime: MakeRuntime,
+) -> None:
+    spm = ScriptedSpm(pool="A")
+    rt = make_runtime(spm, **_fixed(1))
+    first = rt.submit(chain("A", step("create", "delete")))
+    waiting = rt.submit(chain("A", step("copy", "uncopy")))
+    spm.wait_fired(1)
+    assert waiting.cancel("not needed any more") is True
+    result = waiting.result(WAIT)
+    assert result.outcome == ENDED_WITH_FAILURE
+    assert result.reason == "not needed any more"
+    assert spm.verbs() == ["create"]  # nothing fired for it, nothing to revert
+    spm.finish(spm.fired[0].task_id)
+    assert first.result(WAIT).outcome == ENDED_SUCCESSFULLY
+    assert spm.verbs() == ["create"]
+    assert waiting.cancel() is False
+
+
+def test_waiting_chains_are_recorded_and_start_after_a_restart(tmp_path: object) -> None:
+    path = f"{tmp_path}/snapshots.sqlite"
+    spm = ScriptedSpm(pool="A")
+    rt = Runtime([spm], RuntimeOptions(**{**FAST, **_fixed(1)}), store=path).start()
+    try:
+        rt.submit(chain("A", step("create", params={"n": 0}), chain_id="c0"))
+        rt.submit(chain("A", step("create", params={"n": 1}), chain_id="c1"))
+        spm.wait_fired(1)
+        rt.flush()
+    finally:
+        rt.stop()
+    assert len(spm.fired) == 1
+    rt = Runtime([spm], RuntimeOptions(**FAST), store=path).start()
+    try:
+        by_id = {h.chain_id: h for h in rt.recovered}
+        assert set(by_id) == {"c0", "c1"}
+        spm.expect(lambda: len(spm.fired) == 2, "the waiting chain fired after the restart")
+        for t in list(spm.fired):
+            spm.finish(t.task_id)
+        assert by_id["c0"].result(WAIT).outcome == ENDED_SUCCESSFULLY
+        assert by_id["c1"].result(WAIT).outcome == ENDED_SUCCESSFULLY
+        assert [dict(t.params)["n"] for t in spm.fired] == [0, 1]
+    finally:
+        rt.stop()
+
+
+def test_admission_is_per_pool_a_full_pool_does_not_hold_another_back(
+    make_runtime: MakeRuntime,
+) -> None:
+    a, b = ScriptedSpm(pool="A"), ScriptedSpm(pool="B")
+    rt = make_runtime(a, b, **_fixed(1))
+    for i in range(3):
+        rt.submit(chain("A", step("create", params={"n": i})))
+    hb = rt.submit(chain("B", step("create")))
+    b.finish(b.wait_fired(1)[0].task_id)
+    assert hb.result(WAIT).outcome == ENDED_SUCCESSFULLY
+    assert len(a.fired) == 1
+    assert rt.metrics.registry.get_sample_value("spmchain_chains_waiting", {"pool": "A"}) == 2
+    assert rt.metrics.registry.get_sample_value(
+        "spmchain_chains_running_limit", {"pool": "A"}) == 1
