@@ -11,8 +11,18 @@ window the limit is moved toward what keeps their 90th percentile under ``target
 
 - above the target, the limit shrinks in proportion (at most halved in one window): more
   chains running at once only makes every one of them wait longer for its next step;
-- well under it, and the limit actually binding (chains wait), it grows (25 % a window when
-  the delays are under half the target, 5 % up to 80 %).
+- well under it, the limit actually binding (chains wait) and no request waiting for an SPM
+  slot (more chains would only queue there), it grows (50 % a window when the delays are under
+  half the target, 5 % up to 80 %);
+- a window with too few samples to judge (tasks that take minutes fire rarely) grows a binding
+  limit by 50 % when nothing waits for an SPM slot either and what samples there are are
+  well under the target: little is fired because little is
+  running, not because the runtime is behind. :meth:`tick` (every poll) ends such windows even
+  when nothing is fired at all.
+
+A pool starts at ``initial`` (4) and ramps up from there, a slow start: the chains that run
+while thousands more are being submitted share the interpreter with the submitting thread, and
+fewer of them wait for it.
 
 Without an adaptive target (``target_s=None``) the limit is fixed (``maximum``; None: no limit).
 The delays that count are the runtime's own share of the reaction latency; the poll interval
@@ -46,7 +56,7 @@ class PoolAdmission(Generic[T]):
         self,
         *,
         target_s: float | None,
-        initial: int = 32,
+        initial: int = 4,
         minimum: int = 4,
         maximum: int | None = None,
         window_s: float = 0.1,
@@ -101,9 +111,10 @@ class PoolAdmission(Generic[T]):
 
     # -- adapting ----------------------------------------------------------------------------
 
-    def observe(self, delay_s: float) -> list[T]:
+    def observe(self, delay_s: float, idle: bool = True) -> list[T]:
         """One delay of the runtime's own (seconds); at the end of a window the limit moves.
-        Returns the waiting chains that run now (when the limit grew)."""
+        ``idle``: no request waits for an SPM slot. Returns the waiting chains that run now
+        (when the limit grew)."""
         if self.target_s is None:
             return []
         now = self._clock()
@@ -111,24 +122,42 @@ class PoolAdmission(Generic[T]):
             self._samples.append(delay_s)
             if now < self._window_end:
                 return []
-            return self._adapt(now)
+            return self._adapt(now, idle)
 
-    def _adapt(self, now: float) -> list[T]:
+    def tick(self, idle: bool) -> list[T]:
+        """End the window if its time is up, even without samples; ``idle``: no request waits
+        for an SPM slot. Returns the waiting chains that run now."""
+        if self.target_s is None:
+            return []
+        now = self._clock()
+        with self._lock:
+            if now < self._window_end:
+                return []
+            return self._adapt(now, idle)
+
+    def _adapt(self, now: float, idle: bool = False) -> list[T]:
         samples = self._samples
         self._samples = []
         self._window_end = now + self.window_s
         target = self.target_s
         assert target is not None
+        limit = self.limit
+        binding = bool(self.waiting) and self.running >= limit - 1 and idle
         if len(samples) < 4:
-            return []
+            if not binding or (samples and max(samples) > 0.5 * target):
+                return []
+            limit = limit * 1.5 + 1
+            if self.maximum is not None:
+                limit = min(float(self.maximum), limit)
+            self.limit = limit
+            return self._admit()
         samples.sort()
         p90 = samples[(len(samples) * 9) // 10]
-        limit = self.limit
         if p90 > target:
             limit *= max(0.5, target / p90)
-        elif self.waiting and self.running >= limit - 1:
+        elif binding:
             if p90 < 0.5 * target:
-                limit = limit * 1.25 + 1
+                limit = limit * 1.5 + 1
             elif p90 < 0.8 * target:
                 limit = limit * 1.05 + 1
         limit = max(float(self.minimum), limit)

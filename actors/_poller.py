@@ -249,6 +249,7 @@ class PollerActor(Supervised, ThreadActor):
             self.interval = self.min_s
         else:
             self.interval = min(self.interval * 2, self.max_s)
+        core.admission_tick(self.pool)
 
     def _deliver(self, task_id: str, w: _Watch, now: float, wall: float,
                  deliveries: list[tuple[str, ch.TaskEnded]]) -> None:

@@ -141,8 +141,7 @@ class _PooledInbox:
 
     def put(self, envelope: Envelope[Any], /) -> None:
         actor = self._actor
-        assert actor is not None
-        if actor._dead:
+        if actor is None or actor._dead:
             _reject(actor, envelope)
             return
         with self._lock:
@@ -179,13 +178,14 @@ class _PooledInbox:
             return False
 
 
-def _reject(actor: PooledActor, envelope: Envelope[Any]) -> None:
+def _reject(actor: PooledActor | None, envelope: Envelope[Any]) -> None:
     if envelope.reply_to is None:
         return
     if isinstance(envelope.message, _ActorStop):
         envelope.reply_to.set(None)
         return
-    err = ActorDeadError(f"{actor.actor_ref} stopped before handling the message")
+    what = actor.actor_ref if actor is not None else "the actor"
+    err = ActorDeadError(f"{what} stopped before handling the message")
     envelope.reply_to.set_exception(exc_info=(ActorDeadError, err, None))
 
 
@@ -318,7 +318,11 @@ class PooledActor(pykka.Actor):
             for envelope in inbox.take(len(inbox._q) or 1):
                 _reject(self, envelope)
             if not inbox._finish_turn():
-                return
+                break
+        # The inbox (which refs hold) lets go of the actor: a stopped actor and what it holds
+        # are freed as soon as nobody else refers to them, not at the next full collection.
+        with inbox._lock:
+            inbox._actor = None
 
 
 class ThreadActor(pykka.ThreadingActor):

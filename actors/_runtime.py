@@ -98,7 +98,7 @@ class RuntimeOptions:
     retry_max_s: float = 2.0
     recovery_timeout_s: float = 60.0
     gc_threshold: int | None = 50_000
-    admission_target_s: float | None = 0.015
+    admission_target_s: float | None = 0.012
     max_running: int | None = None
     supervision: tuple[ChildSpec, ...] = DEFAULT_SUPERVISION
     fault_rates: Mapping[str, float] = field(default_factory=dict)
@@ -231,13 +231,14 @@ class ChainHandle:
 class _PoolState:
     """What one pool's SpmTaskActor knows that must outlive it (see SpmTaskActor)."""
 
-    __slots__ = ("by_ref", "discarding", "hold", "owners")
+    __slots__ = ("by_ref", "discarding", "hold", "owners", "queued")
 
     def __init__(self) -> None:
         self.owners: dict[str, tuple[str, tuple[str, int, int]]] = {}
         self.by_ref: dict[tuple[str, tuple[str, int, int]], str | None] = {}
         self.discarding: dict[str, str] = {}
         self.hold = False
+        self.queued = 0  # requests waiting in the SpmTaskActor for an SPM slot (admission)
 
 
 class _Core:
@@ -505,11 +506,18 @@ class _Core:
         entry.running = False
         self.start_admitted(entry.pool, self.admissions[entry.pool].ended())
 
-    def reaction(self, pool: str, delay_s: float) -> None:
-        """One sample of the runtime's own delay on ``pool`` (see actors._admission)."""
+    def reaction(self, pool: str, delay_s: float, idle: bool) -> None:
+        """One sample of the runtime's own delay on ``pool`` (see actors._admission); ``idle``:
+        no request waits in its SpmTaskActor for an SPM slot."""
         adm = self.admissions[pool]
         if adm.target_s is not None:
-            self.start_admitted(pool, adm.observe(delay_s))
+            self.start_admitted(pool, adm.observe(delay_s, idle))
+
+    def admission_tick(self, pool: str) -> None:
+        """Every poll: end the admission window of ``pool`` even if nothing was fired."""
+        adm = self.admissions[pool]
+        if adm.target_s is not None:
+            self.start_admitted(pool, adm.tick(self.pool_state(pool).queued == 0))
 
     def start_admitted(self, pool: str, entries: list[_Entry]) -> None:
         for entry in entries:

@@ -274,13 +274,22 @@ class ChainSpec:
         return command_class(self.command)(self.params)
 
 
+_GOOD_NAMES: set[str] = set()  # names already found valid (verbs, pools and types repeat)
+
+
 def _check_name(value: Any, where: str) -> None:
+    if type(value) is str and value in _GOOD_NAMES:
+        return
     if not isinstance(value, str) or not value:
         raise ChainSpecError(where, f"must be a non-empty string, got {value!r}")
     if not _NAME.fullmatch(value):
         raise ChainSpecError(
             where, f"{value!r} is not a valid name (letters, digits, _ . : -, at most 128)"
         )
+    if type(value) is str:
+        if len(_GOOD_NAMES) >= 4096:
+            _GOOD_NAMES.clear()
+        _GOOD_NAMES.add(value)
 
 
 # Bounds that keep every chain's snapshot within what the snapshot decoder accepts.
@@ -288,7 +297,39 @@ _MAX_ITEMS = 10_000
 MAX_STEPS = 1_000
 
 
+_ATOMS = frozenset({str, int, bool, bytes, type(None)})
+
+
+def _plain(value: Any, depth: int) -> bool:
+    """True when ``value`` is plain data of the common exact types (dict, list, tuple, str, int,
+    finite float, bool, bytes, None) within the bounds. False says "look closer", not "bad":
+    subclasses and other mappings go through :func:`_check_plain`, which names what is wrong."""
+    t = type(value)
+    if t in _ATOMS:
+        return True
+    if t is float:
+        return math.isfinite(value)
+    if depth > 16:
+        return False
+    if t is dict:
+        if len(value) > _MAX_ITEMS:
+            return False
+        for k, v in value.items():
+            if type(k) is not str:
+                return False
+            if type(v) not in _ATOMS and not _plain(v, depth + 1):
+                return False
+        return True
+    if t is list or t is tuple:
+        if len(value) > _MAX_ITEMS:
+            return False
+        return all(type(v) in _ATOMS or _plain(v, depth + 1) for v in value)
+    return False
+
+
 def _check_params(value: Any, where: str) -> None:
+    if type(value) is dict and _plain(value, 0):
+        return
     if not isinstance(value, Mapping):
         raise ChainSpecError(where, f"must be a mapping, got {type(value).__name__}")
     for key in value:
@@ -329,6 +370,12 @@ def _check_plain(value: Any, where: str, depth: int) -> None:
 
 
 def _check_resources(value: Any, where: str) -> None:
+    if type(value) is tuple or type(value) is list:
+        for r in value:
+            if type(r) is not str or not r:
+                break
+        else:
+            return
     if isinstance(value, str) or not isinstance(value, Sequence):
         raise ChainSpecError(where, "must be a list of resource names")
     for i, r in enumerate(value):

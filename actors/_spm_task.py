@@ -136,6 +136,7 @@ class SpmTaskActor(Supervised, ThreadActor):
                 self._handle(one)
         elif not self._handle(message):
             return super().on_receive(message)
+        self.ps.queued = len(self.queue)
         self.core.metrics.set_pool_slots(self.pool, len(self.outstanding), len(self.queue))
         return None
 
@@ -280,7 +281,7 @@ class SpmTaskActor(Supervised, ThreadActor):
                     delay = max(0.0, time.time() - req.seen_at)
                     if req.ref[1] > 0 or req.ref[0] == "revert":
                         core.metrics.reaction(delay)  # a chain's first step reacts to nothing
-                    core.reaction(self.pool, delay)
+                    core.reaction(self.pool, delay, not self.queue)
                 logger.debug(
                     "pool %s: chain %s fired %s as task %s",
                     self.pool,

@@ -13,13 +13,30 @@ logger = logging.getLogger(__name__)
 
 
 class TimerHandle:
-    __slots__ = ("cancelled",)
+    """What :meth:`Scheduler.call_at` returns: :meth:`cancel` it and ``fn`` is never called.
 
-    def __init__(self) -> None:
+    Cancelling drops the function at once (a chain's deadline timer would otherwise keep the
+    chain's whole state alive until the deadline, hours later); the scheduler forgets the
+    cancelled entries when they make up most of its queue.
+    """
+
+    __slots__ = ("cancelled", "fn", "scheduler")
+
+    def __init__(self, fn: Callable[[], None] | None = None,
+                 scheduler: Scheduler | None = None) -> None:
         self.cancelled = False
+        self.fn = fn
+        self.scheduler = scheduler
 
     def cancel(self) -> None:
+        if self.cancelled:
+            return
         self.cancelled = True
+        self.fn = None
+        scheduler = self.scheduler
+        if scheduler is not None:
+            self.scheduler = None
+            scheduler._cancelled += 1  # a hint for compaction; exactness is not needed
 
 
 class Scheduler:
@@ -30,7 +47,8 @@ class Scheduler:
     """
 
     def __init__(self, name: str = "spmchain-timer") -> None:
-        self._heap: list[tuple[float, int, TimerHandle, Callable[[], None]]] = []
+        self._heap: list[tuple[float, int, TimerHandle]] = []
+        self._cancelled = 0
         self._cond = threading.Condition()
         self._seq = itertools.count()
         self._stopped = False
@@ -41,13 +59,19 @@ class Scheduler:
         return self.call_at(time.monotonic() + max(0.0, delay), fn)
 
     def call_at(self, when: float, fn: Callable[[], None]) -> TimerHandle:
-        handle = TimerHandle()
+        handle = TimerHandle(fn, self)
         with self._cond:
             if self._stopped:
                 handle.cancelled = True
+                handle.fn = handle.scheduler = None
                 return handle
-            entry = (when, next(self._seq), handle, fn)
-            heapq.heappush(self._heap, entry)
+            heap = self._heap
+            if self._cancelled > 1024 and self._cancelled * 2 > len(heap):
+                heap[:] = [e for e in heap if not e[2].cancelled]
+                heapq.heapify(heap)
+                self._cancelled = 0
+            entry = (when, next(self._seq), handle)
+            heapq.heappush(heap, entry)
             if self._heap[0] is entry:
                 self._cond.notify()
         return handle
@@ -70,9 +94,11 @@ class Scheduler:
                 now = time.monotonic()
                 while heap and heap[0][0] <= now:
                     due.append(heapq.heappop(heap))
-            for _when, _seq, handle, fn in due:
-                if handle.cancelled:
+            for _when, _seq, handle in due:
+                fn = handle.fn
+                if fn is None or handle.cancelled:
                     continue
+                handle.fn = handle.scheduler = None
                 try:
                     fn()
                 except Exception:

@@ -67,8 +67,9 @@ def test_first_steps_fire_in_submit_order_when_all_wait_for_a_slot(
     make_runtime: MakeRuntime,
 ) -> None:
     spm = ScriptedSpm(pool="A")
-    # One command worker: chains start, and ask for their first step, in submit order.
-    rt = make_runtime(spm, max_outstanding=1, command_workers=1)
+    # One command worker: chains start, and ask for their first step, in submit order. All of
+    # them at once (no admission limit): the SpmTaskActor's own queue is what is tested.
+    rt = make_runtime(spm, max_outstanding=1, command_workers=1, admission_target_s=None)
     n = 8
     handles = [
         rt.submit(chain("A", step("first", params={"c": i}), step("second", params={"c": i})))
@@ -446,7 +447,7 @@ def test_running_tasks_are_watched_again_after_the_poller_restarts_once(
     make_runtime: MakeRuntime,
 ) -> None:
     spm = ScriptedSpm(pool="A")
-    rt = make_runtime(spm)
+    rt = make_runtime(spm, admission_target_s=None)  # the six running at once
     faults = scripted_faults(rt)
     handles = [rt.submit(chain("A", step("a", params={"c": i}))) for i in range(6)]
     spm.wait_fired(6)

@@ -101,26 +101,34 @@ def test_the_limit_grows_only_while_chains_wait_and_delays_stay_well_under_the_t
     assert adm.limit == 4
     for i in range(4, 200):
         adm.offer(str(i))
-    admitted = _window(adm, clock, 0.001)  # under half the target: +25 % (+1)
-    assert adm.limit == pytest.approx(6)
-    assert admitted == ["4", "5"]
+    admitted = _window(adm, clock, 0.001)  # under half the target: +50 % (+1)
+    assert adm.limit == pytest.approx(7)
+    assert admitted == ["4", "5", "6"]
     _window(adm, clock, 0.007)  # between half and 80 %: +5 % (+1)
-    assert adm.limit == pytest.approx(7.3)
-    assert adm.running == 8  # while fewer run than the limit (7.3), one more starts
+    assert adm.limit == pytest.approx(8.35)
+    assert adm.running == 9  # while fewer run than the limit (8.35), one more starts
     _window(adm, clock, 0.009)  # close to the target: holds
-    assert adm.limit == pytest.approx(7.3)
+    assert adm.limit == pytest.approx(8.35)
+    for _ in range(3):  # requests wait for SPM slots: more chains would only queue there
+        for _ in range(9):
+            adm.observe(0.0, idle=False)
+        clock.t += adm.window_s
+        adm.observe(0.0, idle=False)
+    assert adm.limit == pytest.approx(8.35)
     for _ in range(50):
         _window(adm, clock, 0.0)
     assert adm.limit == 100  # never above the maximum
     assert adm.running == 100
 
 
-def test_a_window_with_too_few_samples_changes_nothing() -> None:
+def test_a_window_with_too_few_samples_never_shrinks_and_grows_only_if_they_are_small() -> None:
     adm, clock = _adm(initial=10)
-    for i in range(20):
+    for i in range(40):
         adm.offer(str(i))
     _window(adm, clock, 1.0, n=3)
     assert adm.limit == 10
+    _window(adm, clock, 0.001, n=3)
+    assert adm.limit == 16
 
 
 # -- in the runtime ----------------------------------------------------------------------------
@@ -210,3 +218,31 @@ def test_admission_is_per_pool_a_full_pool_does_not_hold_another_back(
     assert rt.metrics.registry.get_sample_value("spmchain_chains_waiting", {"pool": "A"}) == 2
     assert rt.metrics.registry.get_sample_value(
         "spmchain_chains_running_limit", {"pool": "A"}) == 1
+
+
+def test_a_window_without_enough_samples_grows_a_binding_limit_when_nothing_waits_for_the_spm(
+) -> None:
+    adm, clock = _adm(initial=4, maximum=10)
+    for i in range(20):
+        adm.offer(str(i))
+    assert adm.tick(idle=True) == []  # the window is not over yet
+    clock.t += adm.window_s
+    assert adm.tick(idle=True) == ["4", "5", "6"]  # 4 * 1.5 + 1 = 7
+    clock.t += adm.window_s
+    assert adm.tick(idle=False) == []  # requests wait for SPM slots: no reason to add chains
+    assert adm.limit == 7
+    for _ in range(10):
+        clock.t += adm.window_s
+        adm.tick(idle=True)
+    assert adm.limit == 10 and adm.running == 10
+
+
+def test_long_tasks_do_not_keep_a_pool_at_its_initial_limit(make_runtime: MakeRuntime) -> None:
+    # Tasks that never end while the test looks: few fires, hence few samples. The pool must
+    # still start every chain (ticks of the poller end the windows).
+    spm = ScriptedSpm(pool="A")
+    rt = make_runtime(spm, max_outstanding=100)
+    for i in range(30):
+        rt.submit(chain("A", step("create", params={"n": i})))
+    spm.wait_fired(30, timeout=WAIT)
+    assert rt.metrics.registry.get_sample_value("spmchain_chains_waiting", {"pool": "A"}) == 0

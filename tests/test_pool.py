@@ -308,3 +308,26 @@ def test_worker_pool_refuses_bad_sizes() -> None:
         WorkerPool(0)
     with pytest.raises(ValueError, match="batch"):
         WorkerPool(1, batch=0)
+
+
+def test_a_stopped_actor_is_freed_without_waiting_for_the_garbage_collector() -> None:
+    import gc
+    import weakref
+
+    pool = WorkerPool(1)  # one worker: a later turn of another actor runs after the stop's
+    gc.disable()
+    try:
+        ref, actor = start_recorder(pool)
+        alive = weakref.ref(actor)
+        del actor
+        assert ref.stop(block=True, timeout=WAIT) is True
+        other = Recorder.start(pool)
+        assert other.ask(("echo", 1), timeout=WAIT) == 1
+        # The ref (as a caller keeps it) no longer keeps the actor: refcounting freed it.
+        assert alive() is None
+        with pytest.raises(pykka.ActorDeadError):
+            ref.tell("late")
+        other.stop(block=True, timeout=WAIT)
+    finally:
+        gc.enable()
+        pool.shutdown(timeout=5.0)

@@ -6,6 +6,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from actors import _spec
 from actors._spec import (
@@ -272,3 +274,27 @@ def test_params_are_kept_as_given(isolated_commands: None) -> None:
     params: Mapping[str, Any] = {"a": {"b": [1, 2.5, None, b"raw", True]}}
     spec = ChainSpec(pool="p", command_type="t", params=params, steps=[StepSpec("v", params)])
     assert validate_spec(spec).params == params
+
+
+@given(st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=5) | st.binary(max_size=3)
+    | st.floats(allow_nan=True, allow_infinity=True) | st.sets(st.integers(), max_size=2),
+    lambda inner: st.lists(inner, max_size=3) | st.tuples(inner, inner)
+    | st.dictionaries(st.text(max_size=3) | st.integers(), inner, max_size=3),
+    max_leaves=12,
+))
+@settings(max_examples=300, deadline=None)
+def test_the_fast_plain_data_check_never_accepts_what_the_precise_one_refuses(
+    value: object,
+) -> None:
+    from actors._spec import _check_plain, _plain
+
+    try:
+        _check_plain(value, "params", 0)
+        precise_ok = True
+    except ChainSpecError:
+        precise_ok = False
+    if _plain(value, 0):
+        assert precise_ok
+    if not precise_ok:
+        assert not _plain(value, 0)
