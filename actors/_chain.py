@@ -302,13 +302,16 @@ def _make_replacer(cls: type) -> Any:
     cache = [f.name for f in fields(cls) if not f.init]
     args = ", ".join(f"{n}=_M" for n in init)
     body = [f"def replace_{cls.__name__}(obj, *, {args}):", "    new = _new(_cls)"]
+    # Each slot's own descriptor, bound once: setting through it skips the attribute lookup
+    # (and the frozen check) that object.__setattr__ makes for every field.
+    ns: dict[str, Any] = {"_new": object.__new__, "_cls": cls, "_M": _MISSING}
     for n in init:
-        body.append(f"    _set(new, {n!r}, obj.{n} if {n} is _M else {n})")
+        ns[f"_set_{n}"] = getattr(cls, n).__set__
+        body.append(f"    _set_{n}(new, obj.{n} if {n} is _M else {n})")
     for n in cache:
-        body.append(f"    _set(new, {n!r}, None)")
+        ns[f"_set_{n}"] = getattr(cls, n).__set__
+        body.append(f"    _set_{n}(new, None)")
     body.append("    return new")
-    ns: dict[str, Any] = {"_new": object.__new__, "_cls": cls, "_set": object.__setattr__,
-                          "_M": _MISSING}
     exec("\n".join(body), ns)  # noqa: S102 - generated from the dataclass's own field names
     return ns[f"replace_{cls.__name__}"]
 

@@ -383,7 +383,32 @@ def _check_resources(value: Any, where: str) -> None:
             raise ChainSpecError(f"{where}[{i}]", f"must be a non-empty string, got {r!r}")
 
 
+def _resources_ok(value: Any) -> bool:
+    return (type(value) is tuple or type(value) is list) and all(
+        type(r) is str and r for r in value)
+
+
+def _step_ok(step: Any) -> bool:
+    """The common case of :func:`_validate_step` without building a message for every field:
+    True when the step is certainly valid (names seen valid before, plain-data dicts)."""
+    if type(step) is not StepSpec:
+        return False
+    rv = step.revert_verb
+    rp = step.revert_params
+    return (
+        step.verb in _GOOD_NAMES
+        and type(step.params) is dict and _plain(step.params, 0)
+        and (rv is None or rv in _GOOD_NAMES)
+        and (rp is None or (rv is not None and type(rp) is dict and _plain(rp, 0)))
+        and _resources_ok(step.exclusive) and _resources_ok(step.shared)
+        and (not step.shared or not set(step.exclusive) & set(step.shared))
+        and type(step.name) is str
+    )
+
+
 def _validate_step(step: Any, where: str) -> None:
+    if _step_ok(step):
+        return
     if not isinstance(step, StepSpec):
         raise ChainSpecError(where, f"must be a StepSpec, got {type(step).__name__}")
     _check_name(step.verb, f"{where}.verb")
@@ -439,7 +464,8 @@ def validate_spec(spec: Any, pools: Sequence[str] | None = None) -> ChainSpec:
         if len(spec.steps) > MAX_STEPS:
             raise ChainSpecError("steps", f"has {len(spec.steps)} steps, more than {MAX_STEPS}")
         for i, step in enumerate(spec.steps):
-            _validate_step(step, f"steps[{i}]")
+            if not _step_ok(step):
+                _validate_step(step, f"steps[{i}]")
     else:
         _check_name(spec.command, "command")
         if spec.command not in _COMMANDS:
