@@ -35,6 +35,9 @@ _rate = _number(float, "a number", lambda v: 0.0 <= v <= 1.0, "be within [0, 1]"
 _positive_float = _number(
     float, "a number", lambda v: 0 < v < float("inf"), "be a positive, finite number"
 )
+_nonnegative_float = _number(
+    float, "a number", lambda v: 0 <= v < float("inf"), "be a finite number, 0 or more"
+)
 
 
 def parse_duration_ms(text: str) -> Any:
@@ -93,6 +96,13 @@ def _add_loadtest(sub: Any) -> None:
                    help="shortest poll interval, right after activity (default 20)")
     p.add_argument("--poll-max-ms", type=_positive_float, default=1000.0,
                    help="longest poll interval, when nothing changes (default 1000)")
+    p.add_argument("--admission-target-ms", type=_nonnegative_float, default=12.0,
+                   help="keep the runtime's own reaction delay (90th percentile) under this by "
+                        "running only that many chains of a pool at once; 0: no adaptive "
+                        "limit (default 12)")
+    p.add_argument("--max-running", type=_positive_int, default=None,
+                   help="at most this many chains of a pool running at once (default: no "
+                        "fixed limit)")
     p.add_argument("--command-workers", type=_positive_int, default=1,
                    help="threads running the CommandActors (default 1: under one "
                         "interpreter lock more threads only contend)")
@@ -169,6 +179,7 @@ def _loadtest(args: argparse.Namespace) -> int:
         spm_queue=args.spm_queue, max_outstanding=args.max_outstanding,
         poll_min_ms=args.poll_min_ms, poll_max_ms=args.poll_max_ms,
         command_workers=args.command_workers, timeout_s=args.timeout, spm_url=args.spm,
+        admission_target_ms=args.admission_target_ms or None, max_running=args.max_running,
         store=None if args.store == "none" else args.store,
         metrics_port=args.metrics_port, metrics_addr=args.metrics_addr,
     )

@@ -42,6 +42,8 @@ class LoadtestConfig:
     poll_min_ms: float = 20.0
     poll_max_ms: float = 1000.0
     command_workers: int = 1
+    admission_target_ms: float | None = 12.0  # None: no adaptive admission limit
+    max_running: int | None = None
     timeout_s: float = 600.0
     spm_url: str | None = None
     store: str | None = "temp"   # "temp" (a durable SQLite file in a temporary directory),
@@ -168,13 +170,16 @@ def run_loadtest(
     else:
         pools = pool_ids(cfg.pools, cfg.seed)
     spms = build_spms(cfg, pools)
-    options = RuntimeOptions(
-        max_outstanding=cfg.max_outstanding,
-        poll_min_s=cfg.poll_min_ms / 1000.0,
-        poll_max_s=cfg.poll_max_ms / 1000.0,
-        command_workers=cfg.command_workers,
-        **cfg.options,
-    )
+    options = RuntimeOptions(**{
+        "max_outstanding": cfg.max_outstanding,
+        "poll_min_s": cfg.poll_min_ms / 1000.0,
+        "poll_max_s": cfg.poll_max_ms / 1000.0,
+        "command_workers": cfg.command_workers,
+        "admission_target_s": (cfg.admission_target_ms / 1000.0
+                               if cfg.admission_target_ms is not None else None),
+        "max_running": cfg.max_running,
+        **cfg.options,  # RuntimeOptions fields given directly win
+    })
     rng = random.Random(cfg.seed)
     lock = threading.Lock()
     all_done = threading.Event()
@@ -270,6 +275,7 @@ def run_loadtest(
             "task_ms": cfg.task_ms, "fail_rate": cfg.fail_rate, "seed": cfg.seed,
             "spm_workers": cfg.spm_workers, "max_outstanding": cfg.max_outstanding,
             "poll_min_ms": cfg.poll_min_ms, "poll_max_ms": cfg.poll_max_ms,
+            "admission_target_ms": cfg.admission_target_ms, "max_running": cfg.max_running,
             "spm": cfg.spm_url or "in-process simulator",
         },
     }
