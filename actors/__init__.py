@@ -23,6 +23,7 @@ from actors._pool import PooledActor, WorkerPool
 from actors._runtime import (
     ChainHandle,
     ChainResult,
+    PoolAdmissionState,
     Runtime,
     RuntimeOptions,
     RuntimeStoppedError,
@@ -71,6 +72,7 @@ __all__ = [
     "FaultInjector",
     "InjectedFault",
     "MemoryStore",
+    "PoolAdmissionState",
     "PooledActor",
     "QuarantinedSnapshot",
     "Runtime",

@@ -237,10 +237,20 @@ def run_loadtest(
         if cfg.chains == 0:
             all_done.set()
         deadline = time.monotonic() + cfg.timeout_s
-        while not all_done.wait(progress.every_s):
-            progress.show(counts["ok"] + counts["failed"], counts["failed"],
-                          _steps_fired(rt) - steps_before)
-            if time.monotonic() > deadline:
+        next_show = time.monotonic() + progress.every_s
+        # Chains running and waiting, sampled every 0.1 s (what admission let run).
+        running_samples: list[int] = []
+        waiting_samples: list[int] = []
+        while not all_done.wait(0.1):
+            adm = rt.admission().values()
+            running_samples.append(sum(a.running for a in adm))
+            waiting_samples.append(sum(a.waiting for a in adm))
+            now = time.monotonic()
+            if now >= next_show:
+                next_show = now + progress.every_s
+                progress.show(counts["ok"] + counts["failed"], counts["failed"],
+                              _steps_fired(rt) - steps_before)
+            if now > deadline:
                 timed_out = True
                 break
         wall = time.perf_counter() - t0
@@ -278,6 +288,15 @@ def run_loadtest(
             "admission_target_ms": cfg.admission_target_ms, "max_running": cfg.max_running,
             "spm": cfg.spm_url or "in-process simulator",
         },
+    }
+    report["admission"] = {
+        "target_ms": cfg.admission_target_ms,
+        "max_running": cfg.max_running,
+        "running_mean": (round(sum(running_samples) / len(running_samples), 1)
+                         if running_samples else None),
+        "running_max": max(running_samples, default=None),
+        "waiting_share": (round(sum(1 for w in waiting_samples if w) / len(waiting_samples), 3)
+                          if waiting_samples else None),
     }
     report.update(check_ledgers(spms, failed_chains))
     report["reaction_latency_ms"] = reaction_latency(spms, pairs)
@@ -356,12 +375,20 @@ def bounded_by(report: Mapping[str, Any], cfg: LoadtestConfig) -> str:
     reaction = report.get("reaction_latency_ms") or {}
     if util is not None and util >= 0.9:
         return f"SPM workers ({util:.0%} busy)"
+    p50 = reaction.get("p50")
+    adm = report.get("admission") or {}
+    if (adm.get("waiting_share") or 0.0) >= 0.5 and adm.get("running_mean") is not None:
+        why = (f"keeping the runtime's own reaction delay under {adm['target_ms']:g} ms"
+               if adm.get("target_ms") else f"--max-running {adm.get('max_running')}")
+        polled = (f"; each step waits for a poll: reaction p50 {p50:.1f} ms against a "
+                  f"{cfg.poll_min_ms:g} ms minimum poll interval" if p50 is not None else "")
+        return (f"admission (about {adm['running_mean']:.0f} chains running at once while "
+                f"others waited, {why}; CPU {cpu:.2f} cores{polled})")
     if cpu >= 0.85:
         extra = f"; the store's commits took {store:.0%} of the wall time" if store else ""
         return f"CPU (the process used {cpu:.2f} cores of {os.cpu_count()}{extra})"
     if store >= 0.5:
         return f"snapshot store (committing {store:.0%} of the wall time)"
-    p50 = reaction.get("p50")
     if p50 is not None and p50 >= 0.5 * cfg.poll_min_ms:
         return (f"polling (reaction p50 {p50:.1f} ms against a {cfg.poll_min_ms:g} ms "
                 "minimum poll interval)")
@@ -430,6 +457,13 @@ def _fmt_reaction(r: Mapping[str, Any] | None) -> str:
     return f"{r['p50']:.1f} / {r['p99']:.1f} / {r['max']:.1f} ms"
 
 
+def _fmt_running(adm: Mapping[str, Any] | None) -> str:
+    if not adm or adm.get("running_mean") is None:
+        return "n/a"
+    return (f"{adm['running_mean']:.0f} on average, {adm['running_max']} at most; chains waited "
+            f"{adm['waiting_share']:.0%} of the time")
+
+
 def _fmt_share(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.1%}"
 
@@ -449,6 +483,7 @@ def summary_table(report: dict[str, Any]) -> str:
         ("leftover effects", report["leftover_effects"]),
         ("reaction p50/p99/max", _fmt_reaction(report.get("reaction_latency_ms"))),
         ("SPM utilization", _fmt_share(report.get("spm_utilization"))),
+        ("running at once", _fmt_running(report.get("admission"))),
         ("CPU", f"{report.get('cpu_utilization') or 0:.2f} cores"),
         ("store commits", report.get("store_commits", 0)),
         ("bounded by", report.get("bounded_by", "")),

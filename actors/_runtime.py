@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ChainHandle",
     "ChainResult",
+    "PoolAdmissionState",
     "Runtime",
     "RuntimeOptions",
     "RuntimeStoppedError",
@@ -148,6 +149,15 @@ class RuntimeOptions:
                 f"RuntimeOptions.poll_max_s ({self.poll_max_s}) is below poll_min_s "
                 f"({self.poll_min_s})"
             )
+
+
+@dataclass(frozen=True, slots=True)
+class PoolAdmissionState:
+    """One pool's admission (see :meth:`Runtime.admission`)."""
+
+    running: int
+    waiting: int
+    limit: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -951,6 +961,17 @@ class Runtime:
         self.metrics.chain_started(spec.command_type)
         core.admit(entry)
         return handle
+
+    def admission(self) -> dict[str, PoolAdmissionState]:
+        """Per pool: chains running, chains waiting to be started, and the running limit (inf:
+        none). A snapshot, never blocking; empty when the runtime is not running."""
+        core = self._core
+        if core is None:
+            return {}
+        return {
+            pool: PoolAdmissionState(adm.running, len(adm.waiting), adm.limit)
+            for pool, adm in core.admissions.items()
+        }
 
     def chains(self) -> list[ch.ChainState]:
         """The live chains' last recorded states (a consistent copy, never blocking)."""
