@@ -12,10 +12,10 @@ window the limit is moved toward what keeps their 90th percentile under ``target
 - above the target, the limit shrinks in proportion (at most halved in one window): more
   chains running at once only makes every one of them wait longer for its next step;
 - well under it, the limit actually binding (chains wait) and no request waiting for an SPM
-  slot (more chains would only queue there), it grows (50 % a window when the delays are under
-  half the target, 5 % up to 80 %);
+  slot (more chains would only queue there), it grows (doubles in a window when the delays are
+  under half the target, 5 % up to 80 %);
 - a window with too few samples to judge (tasks that take minutes fire rarely) grows a binding
-  limit by 50 % when nothing waits for an SPM slot either and what samples there are are
+  limit (doubles it) when nothing waits for an SPM slot either and what samples there are are
   well under the target: little is fired because little is
   running, not because the runtime is behind. :meth:`tick` (every poll) ends such windows even
   when nothing is fired at all.
@@ -146,7 +146,7 @@ class PoolAdmission(Generic[T]):
         if len(samples) < 4:
             if not binding or (samples and max(samples) > 0.5 * target):
                 return []
-            limit = limit * 1.5 + 1
+            limit = limit * 2 + 1
             if self.maximum is not None:
                 limit = min(float(self.maximum), limit)
             self.limit = limit
@@ -157,7 +157,7 @@ class PoolAdmission(Generic[T]):
             limit *= max(0.5, target / p90)
         elif binding:
             if p90 < 0.5 * target:
-                limit = limit * 1.5 + 1
+                limit = limit * 2 + 1
             elif p90 < 0.8 * target:
                 limit = limit * 1.05 + 1
         limit = max(float(self.minimum), limit)

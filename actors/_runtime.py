@@ -273,9 +273,13 @@ class _Core:
         self.scheduler = Scheduler()
         self.workers = WorkerPool(options.command_workers)
         self.chains: dict[str, _Entry] = {}
+        # Adapting, a pool never runs more chains than it may have tasks outstanding (a chain
+        # has one task in flight at most: more would only queue for a slot).
+        cap = options.max_running
+        if options.admission_target_s is not None:
+            cap = min(cap or options.max_outstanding, options.max_outstanding)
         self.admissions: dict[str, PoolAdmission[_Entry]] = {
-            pool: PoolAdmission(target_s=options.admission_target_s,
-                                maximum=options.max_running)
+            pool: PoolAdmission(target_s=options.admission_target_s, maximum=cap)
             for pool in spms
         }
         self.task_actors: dict[str, pykka.ActorRef[Any]] = {}

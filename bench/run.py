@@ -88,6 +88,8 @@ QUICK_WORKLOADS: dict[str, Workload] = {
 
 IMPLEMENTATIONS: tuple[Implementation, ...] = (
     Implementation("sqlite", "runtime, SQLite store (durable)", False),
+    Implementation("sqlite-all", "runtime, SQLite store, no admission limit", False,
+                   ("--admission-target-ms", "0")),
     Implementation("memory", "runtime, memory store", False, ("--store", "memory")),
     Implementation("none", "runtime, no store", False, ("--store", "none")),
     Implementation("asyncio", "bare asyncio", True),

@@ -101,20 +101,20 @@ def test_the_limit_grows_only_while_chains_wait_and_delays_stay_well_under_the_t
     assert adm.limit == 4
     for i in range(4, 200):
         adm.offer(str(i))
-    admitted = _window(adm, clock, 0.001)  # under half the target: +50 % (+1)
-    assert adm.limit == pytest.approx(7)
-    assert admitted == ["4", "5", "6"]
+    admitted = _window(adm, clock, 0.001)  # under half the target: doubles (+1)
+    assert adm.limit == pytest.approx(9)
+    assert admitted == ["4", "5", "6", "7", "8"]
     _window(adm, clock, 0.007)  # between half and 80 %: +5 % (+1)
-    assert adm.limit == pytest.approx(8.35)
-    assert adm.running == 9  # while fewer run than the limit (8.35), one more starts
+    assert adm.limit == pytest.approx(10.45)
+    assert adm.running == 11  # while fewer run than the limit (10.45), one more starts
     _window(adm, clock, 0.009)  # close to the target: holds
-    assert adm.limit == pytest.approx(8.35)
+    assert adm.limit == pytest.approx(10.45)
     for _ in range(3):  # requests wait for SPM slots: more chains would only queue there
         for _ in range(9):
             adm.observe(0.0, idle=False)
         clock.t += adm.window_s
         adm.observe(0.0, idle=False)
-    assert adm.limit == pytest.approx(8.35)
+    assert adm.limit == pytest.approx(10.45)
     for _ in range(50):
         _window(adm, clock, 0.0)
     assert adm.limit == 100  # never above the maximum
@@ -128,7 +128,7 @@ def test_a_window_with_too_few_samples_never_shrinks_and_grows_only_if_they_are_
     _window(adm, clock, 1.0, n=3)
     assert adm.limit == 10
     _window(adm, clock, 0.001, n=3)
-    assert adm.limit == 16
+    assert adm.limit == 21
 
 
 # -- in the runtime ----------------------------------------------------------------------------
@@ -227,10 +227,10 @@ def test_a_window_without_enough_samples_grows_a_binding_limit_when_nothing_wait
         adm.offer(str(i))
     assert adm.tick(idle=True) == []  # the window is not over yet
     clock.t += adm.window_s
-    assert adm.tick(idle=True) == ["4", "5", "6"]  # 4 * 1.5 + 1 = 7
+    assert adm.tick(idle=True) == ["4", "5", "6", "7", "8"]  # 4 * 2 + 1 = 9
     clock.t += adm.window_s
     assert adm.tick(idle=False) == []  # requests wait for SPM slots: no reason to add chains
-    assert adm.limit == 7
+    assert adm.limit == 9
     for _ in range(10):
         clock.t += adm.window_s
         adm.tick(idle=True)
@@ -246,3 +246,17 @@ def test_long_tasks_do_not_keep_a_pool_at_its_initial_limit(make_runtime: MakeRu
         rt.submit(chain("A", step("create", params={"n": i})))
     spm.wait_fired(30, timeout=WAIT)
     assert rt.metrics.registry.get_sample_value("spmchain_chains_waiting", {"pool": "A"}) == 0
+
+
+def test_adapting_a_pool_never_runs_more_chains_than_it_may_have_tasks_outstanding(
+    make_runtime: MakeRuntime,
+) -> None:
+    spm = ScriptedSpm(pool="A")
+    rt = make_runtime(spm, max_outstanding=6)
+    for i in range(20):
+        rt.submit(chain("A", step("create", params={"n": i})))
+    spm.wait_fired(6)
+    spm.wait_polls(40)  # many admission windows, all with nothing to slow anything down
+    state = rt.admission()["A"]
+    assert state.limit == 6 and state.running == 6 and state.waiting == 14
+    assert len(spm.fired) == 6
