@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -35,6 +36,7 @@ _rate = _number(float, "a number", lambda v: 0.0 <= v <= 1.0, "be within [0, 1]"
 _positive_float = _number(
     float, "a number", lambda v: 0 < v < float("inf"), "be a positive, finite number"
 )
+_port = _number(int, "a port number", lambda v: 0 <= v <= 65535, "be within 0-65535")
 _nonnegative_float = _number(
     float, "a number", lambda v: 0 <= v < float("inf"), "be a finite number, 0 or more"
 )
@@ -54,6 +56,8 @@ def parse_duration_ms(text: str) -> Any:
             f"--task-ms {text!r}: expected N, uniform:LO:HI, exponential:MEAN or normal:MEAN:SD "
             "(milliseconds)"
         ) from None
+    if any(not math.isfinite(n) for n in nums):
+        raise argparse.ArgumentTypeError(f"--task-ms {text!r}: durations must be finite")
     if any(n < 0 for n in nums):
         raise argparse.ArgumentTypeError(f"--task-ms {text!r}: durations must not be negative")
     if len(parts) == 1:
@@ -122,7 +126,7 @@ def _add_loadtest(sub: Any) -> None:
 
 def add_metrics_arguments(p: argparse.ArgumentParser) -> None:
     """``--metrics-port`` and ``--metrics-addr``: serve Prometheus metrics while running."""
-    p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+    p.add_argument("--metrics-port", type=_port, default=None, metavar="PORT",
                    help="serve Prometheus metrics on this port while running (0: any free port)")
     p.add_argument("--metrics-addr", default="127.0.0.1", metavar="ADDR",
                    help="address for --metrics-port (default 127.0.0.1)")
@@ -170,8 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _loadtest(args: argparse.Namespace) -> int:
+def _loadtest(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from actors._loadtest import LoadtestConfig, run_loadtest, summary_table, write_json
+    from actors._store import StoreError
+    from spm._errors import SpmError
+
+    if args.poll_max_ms < args.poll_min_ms:
+        parser.error(f"argument --poll-max-ms: must not be below --poll-min-ms "
+                     f"({args.poll_max_ms:g} < {args.poll_min_ms:g})")
 
     cfg = LoadtestConfig(
         chains=args.chains, steps=args.steps, pools=args.pools, task_ms=args.task_ms,
@@ -183,7 +193,13 @@ def _loadtest(args: argparse.Namespace) -> int:
         store=None if args.store == "none" else args.store,
         metrics_port=args.metrics_port, metrics_addr=args.metrics_addr,
     )
-    report = run_loadtest(cfg)
+    try:
+        report = run_loadtest(cfg)
+    except (ValueError, SpmError, StoreError, OSError) as exc:
+        # What the arguments lead to and the parser cannot see: an SPM that is not there,
+        # fewer pools than asked, a store that cannot be opened. Said in one line.
+        print(f"spmchain loadtest: error: {exc}", file=sys.stderr)
+        return 2
     print(summary_table(report))
     if args.json:
         write_json(report, args.json)
@@ -207,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = logging.INFO if getattr(args, "verbose", False) else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "loadtest":
-        return _loadtest(args)
+        return _loadtest(args, parser)
     run = getattr(args, "run", None)
     if run is not None:
         return int(run(args))

@@ -114,6 +114,7 @@ class _Progress:
         self.tty = out.isatty()
         self.every_s = 0.2 if self.tty else every_s
         self.t0 = time.monotonic()
+        self._shown = 0  # length of the live line on the terminal
 
     def show(self, done: int, failed: int, steps: int, final: bool = False) -> None:
         el = max(time.monotonic() - self.t0, 1e-9)
@@ -122,8 +123,11 @@ class _Progress:
             width = 30
             filled = int(width * done / max(self.total, 1))
             bar = "#" * filled + "-" * (width - filled)
-            self.out.write(f"\r[{bar}] {done}/{self.total} chains  {rate:,.0f} steps/s  "
-                           f"{failed} failed  {el:5.1f}s")
+            line = (f"[{bar}] {done}/{self.total} chains  {rate:,.0f} steps/s  "
+                    f"{failed} failed  {el:5.1f}s")
+            # Padded to the previous line's length: a shorter line leaves nothing behind.
+            self.out.write("\r" + line.ljust(self._shown))
+            self._shown = len(line)
             if final:
                 self.out.write("\n")
         else:
@@ -214,6 +218,8 @@ def run_loadtest(
     progress = _Progress(cfg.chains, out, progress_every_s)
     tmpdir = None
     store: str | None = cfg.store
+    if store == "none":
+        store = None  # as the CLI's --store none (not a file named "none")
     if store == "temp":
         tmpdir = tempfile.TemporaryDirectory(prefix="spmchain-loadtest-")
         store = os.path.join(tmpdir.name, "snapshots.sqlite")

@@ -636,17 +636,20 @@ class Runtime:
             self.metrics_server = start_metrics_server(
                 self.metrics, self._metrics_port, self._metrics_addr
             )
-        store = self._open_store()
+        try:
+            store = self._open_store()
+        except BaseException:
+            self._undo_start()
+            raise
         core = _Core(self, self._spms, self.options, self.metrics, store)
         self._core = core
         try:
             recovered = self._load_recovered(core) if store is not None else []
         except BaseException:
             self._close_store()
-            if self.metrics_server is not None:
-                self.metrics_server.stop()
             core.scheduler.stop()
             core.workers.shutdown()
+            self._undo_start()
             raise
         core.supervisor = SupervisorActor.start(core, self.options.supervision)
         for pool in self.pools:
@@ -669,6 +672,14 @@ class Runtime:
         if recovered:
             logger.info("recovered %d chains from the snapshot store", len(recovered))
         return self
+
+    def _undo_start(self) -> None:
+        """A start that failed leaves nothing running and the collector as it was."""
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
+        if self._gc_before is not None:
+            gc.set_threshold(*self._gc_before)
+            self._gc_before = None
 
     # -- durability --------------------------------------------------------------------------
 
