@@ -106,8 +106,11 @@ class PollerActor(Supervised, ThreadActor):
             if message.generation != self.generation:
                 return None  # superseded by an earlier tick
             self.core.faults.maybe_fail("poller")
+            started = time.monotonic()
             self._poll()
-            self._schedule(self.interval)
+            # The interval runs from this poll's start: the time the poll itself took (and
+            # the wake-up of this thread) is not added to every task's wait for the next one.
+            self._schedule(max(0.0, started + self.interval - time.monotonic()))
             return None
         self.core.faults.maybe_fail("poller")
         if isinstance(message, m.Watch):

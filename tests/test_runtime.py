@@ -318,6 +318,7 @@ BAD_OPTIONS: list[tuple[dict[str, Any], str]] = [
     ({"admission_target_s": 0}, "admission_target_s"),
     ({"max_running": 0}, "max_running"),
     ({"max_running": 1.5}, "max_running"),
+    ({"switch_interval_s": 0}, "switch_interval_s"),
 ]
 
 
@@ -418,3 +419,37 @@ def test_a_raising_end_step_hook_fails_the_chain_and_reverts_without_restarting_
     value = rt.metrics.registry.get_sample_value(
         "spmchain_actor_restarts_total", {"kind": "command"})
     assert not value
+
+
+def test_the_interpreter_settings_are_changed_while_running_and_restored_after(
+    tmp_path: Any,
+) -> None:
+    import gc
+    import sys
+
+    from actors._store import StoreError
+
+    gc_before, switch_before = gc.get_threshold(), sys.getswitchinterval()
+    rt = Runtime([ScriptedSpm(pool="A")],
+                 RuntimeOptions(gc_threshold=40_000, switch_interval_s=0.002)).start()
+    try:
+        assert gc.get_threshold()[0] == max(40_000, gc_before[0])
+        assert sys.getswitchinterval() == pytest.approx(0.002)
+    finally:
+        rt.stop()
+    assert gc.get_threshold() == gc_before
+    assert sys.getswitchinterval() == pytest.approx(switch_before)
+    # A start that fails (its store cannot be opened) leaves them as they were too.
+    bad = Runtime([ScriptedSpm(pool="A")], store=f"{tmp_path}/missing-dir/s.sqlite")
+    with pytest.raises(StoreError):
+        bad.start()
+    assert gc.get_threshold() == gc_before
+    assert sys.getswitchinterval() == pytest.approx(switch_before)
+    # None leaves the interpreter alone.
+    rt = Runtime([ScriptedSpm(pool="A")],
+                 RuntimeOptions(gc_threshold=None, switch_interval_s=None)).start()
+    try:
+        assert gc.get_threshold() == gc_before
+        assert sys.getswitchinterval() == pytest.approx(switch_before)
+    finally:
+        rt.stop()
