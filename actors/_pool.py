@@ -19,6 +19,7 @@ import logging
 import queue
 import sys
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Self
 
 import pykka
@@ -205,10 +206,19 @@ class PooledActor(pykka.Actor):
     @classmethod
     def start(cls, *args: Any, **kwargs: Any) -> ActorRef[Self]:
         """Create the actor, run ``on_start`` on the pool, and return its ref (not registered)."""
+        return cls.start_with(None, *args, **kwargs)
+
+    @classmethod
+    def start_with(cls, before: Callable[[ActorRef[Self]], None] | None, *args: Any,
+                   **kwargs: Any) -> ActorRef[Self]:
+        """:meth:`start`, calling ``before(ref)`` once the actor exists and before its
+        ``on_start`` can run (to publish the ref where ``on_start`` or others look for it)."""
         obj = cls(*args, **kwargs)
         assert getattr(obj, "_pool", None) is not None, (
             "PooledActor.__init__() was not called with the pool"
         )
+        if before is not None:
+            before(obj.actor_ref)
         obj._start_actor_loop()
         return obj.actor_ref
 

@@ -502,7 +502,11 @@ class _Core:
 
     def start_chain_actor(self, entry: _Entry, state: ch.ChainState) -> None:
         command = state.spec.make_command()
-        entry.ref = CommandActor.start(self.workers, self, entry, state, command)
+
+        def publish(ref: pykka.ActorRef[Any]) -> None:
+            entry.ref = ref  # before on_start runs: a chain with a ref has started or will
+
+        CommandActor.start_with(publish, self.workers, self, entry, state, command)
 
     # -- admission ---------------------------------------------------------------------------
 
@@ -1030,7 +1034,13 @@ class Runtime:
             core.run_now(entry)
             return True
         if entry.ref is None:
-            return False
+            if entry.state.phase != "new":
+                return False  # being rebuilt after a failure
+            # Admitted a moment ago and about to start: its on_start applies the cancel.
+            entry.cancel = reason
+            if entry.ref is None:
+                return True
+        assert entry.ref is not None
         try:
             entry.ref.tell(ch.Cancel(reason, time.time()))
         except pykka.ActorDeadError:

@@ -331,3 +331,18 @@ def test_a_stopped_actor_is_freed_without_waiting_for_the_garbage_collector() ->
     finally:
         gc.enable()
         pool.shutdown(timeout=5.0)
+
+
+def test_start_with_publishes_the_ref_before_on_start_can_run(pool: WorkerPool) -> None:
+    published: list[Any] = []
+    seen_at_start: list[bool] = []
+
+    class Checker(PooledActor):
+        def on_start(self) -> None:
+            seen_at_start.append(bool(published) and published[0] == self.actor_ref)
+
+    ref = Checker.start_with(published.append, pool)
+    assert ref.ask("anything", timeout=WAIT) is None  # on_start has run by now
+    assert published == [ref]
+    assert seen_at_start == [True]
+    ref.stop(block=True, timeout=WAIT)
