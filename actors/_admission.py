@@ -33,6 +33,8 @@ rather than half done.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import threading
 import time
 from collections import deque
@@ -48,8 +50,8 @@ class PoolAdmission(Generic[T]):
     """The admission of one pool's chains (thread-safe). ``T`` is whatever the caller starts."""
 
     __slots__ = (
-        "_clock", "_lock", "_samples", "_window_end", "limit", "maximum", "minimum",
-        "running", "target_s", "waiting", "window_s",
+        "_clock", "_deadlines", "_lock", "_samples", "_seq", "_window_end", "limit", "maximum",
+        "minimum", "running", "target_s", "waiting", "window_s",
     )
 
     def __init__(
@@ -73,6 +75,9 @@ class PoolAdmission(Generic[T]):
         self.window_s = window_s
         self.running = 0
         self.waiting: deque[T] = deque()
+        # (deadline, seq, chain) of the waiting chains that have a deadline (wall clock)
+        self._deadlines: list[tuple[float, int, T]] = []
+        self._seq = itertools.count()
         self._samples: list[float] = []
         self._clock = clock
         self._window_end = clock() + window_s
@@ -80,14 +85,37 @@ class PoolAdmission(Generic[T]):
 
     # -- chains coming and going -------------------------------------------------------------
 
-    def offer(self, item: T) -> bool:
-        """A new chain: True when it runs now (the caller starts it), False when it waits."""
+    def offer(self, item: T, deadline: float | None = None) -> bool:
+        """A new chain: True when it runs now (the caller starts it), False when it waits
+        (until admitted, or until :meth:`expired` hands it back after ``deadline``)."""
         with self._lock:
             if not self.waiting and self.running < self.limit:
                 self.running += 1
                 return True
             self.waiting.append(item)
+            if deadline is not None:
+                heapq.heappush(self._deadlines, (deadline, next(self._seq), item))
             return False
+
+    def expired(self, now: float) -> list[T]:
+        """The waiting chains whose deadline passed, taken out of the queue and counted as
+        running (the caller starts them, to end them)."""
+        out: list[T] = []
+        heap = self._deadlines
+        if not heap or heap[0][0] > now:
+            return out
+        with self._lock:
+            while heap and heap[0][0] <= now:
+                _, _, item = heapq.heappop(heap)
+                try:
+                    self.waiting.remove(item)
+                except ValueError:
+                    continue  # admitted or cancelled meanwhile
+                self.running += 1
+                out.append(item)
+            if not self.waiting:
+                heap.clear()
+        return out
 
     def enter(self) -> None:
         """A chain that runs regardless (resumed half done, or cancelled while waiting)."""

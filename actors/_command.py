@@ -79,10 +79,13 @@ class CommandActor(Supervised, PooledActor):
 
     def on_start(self) -> None:
         if self.state.phase == "new":
+            now = time.time()
             if self.entry.cancel is not None:
-                self._apply(ch.Cancel(self.entry.cancel, time.time()))
+                self._apply(ch.Cancel(self.entry.cancel, now))
+            elif now >= self.state.deadline_at:
+                self._apply(ch.Tick(now))  # its deadline passed while it waited: it fails
             else:
-                self._apply(ch.Start(time.time()))
+                self._apply(ch.Start(now))
         else:
             self._resume()
         self._arm_deadline()

@@ -23,7 +23,7 @@ from actors._ids import new_hex
 from actors._poller import PollerActor
 from actors._pool import WorkerPool
 from actors._snapshot import SnapshotError, decode_snapshot, encode_snapshot
-from actors._spec import ChainSpec, ChainSpecError, validate_spec
+from actors._spec import ChainSpec, ChainSpecError, Command, validate_spec
 from actors._spm_task import SpmTaskActor
 from actors._store import GroupCommitStore, SnapshotStore, StoreError
 from actors._store_memory import MemoryStore
@@ -186,8 +186,8 @@ class ChainResult:
 class _Entry:
     """The runtime's record of one live chain."""
 
-    __slots__ = ("actor", "cancel", "chain_id", "durable", "handle", "pool", "ref", "running",
-                 "state")
+    __slots__ = ("actor", "cancel", "chain_id", "command", "durable", "handle", "pool", "ref",
+                 "running", "state")
 
     def __init__(self, chain_id: str, pool: str, state: ch.ChainState, handle: ChainHandle):
         self.chain_id = chain_id
@@ -199,6 +199,7 @@ class _Entry:
         self.actor: CommandActor | None = None
         self.running = False  # admitted (counted by its pool's admission) and not ended
         self.cancel: str | None = None  # cancelled while waiting: the reason, applied at start
+        self.command: Command | None = None  # built at submit, used by the first start
 
 
 class ChainHandle:
@@ -300,7 +301,7 @@ class _Core:
         self.outbox: dict[str, list[Any]] = {}
         self.batched = isinstance(store, GroupCommitStore)
         if isinstance(store, GroupCommitStore):
-            store._after_durable = self.send_outbox
+            store._after_durable.append(self.send_outbox)
 
     # -- telling -----------------------------------------------------------------------------
 
@@ -425,7 +426,6 @@ class _Core:
 
     def chain_ended(self, entry: _Entry, state: ch.ChainState) -> None:
         self.chains.pop(entry.chain_id, None)
-        self.left(entry)
         for _ref, task_id, _rec in state.in_flight():
             if task_id is not None and task_id in self.task_owners:
                 self.task_owners[task_id] = None  # discarded by the chain's end
@@ -437,6 +437,7 @@ class _Core:
             extra={"chain_id": entry.chain_id, "pool": entry.pool})
         self.rt._finish(entry.handle, ChainResult(entry.chain_id, state.outcome, state.reason,
                                                   state))
+        self.left(entry)  # its place goes to a waiting chain (after its own result is out)
 
     # -- supervision -------------------------------------------------------------------------
 
@@ -501,7 +502,10 @@ class _Core:
         self.start_chain_actor(entry, state)
 
     def start_chain_actor(self, entry: _Entry, state: ch.ChainState) -> None:
-        command = state.spec.make_command()
+        command = entry.command
+        entry.command = None
+        if command is None:
+            command = state.spec.make_command()
 
         def publish(ref: pykka.ActorRef[Any]) -> None:
             entry.ref = ref  # before on_start runs: a chain with a ref has started or will
@@ -511,20 +515,21 @@ class _Core:
     # -- admission ---------------------------------------------------------------------------
 
     def admit(self, entry: _Entry) -> None:
-        """A chain that has not started: start it now if its pool admits it, else it waits."""
+        """A chain that has not started: start it now if its pool admits it, else it waits
+        (until admitted, cancelled, or past its deadline)."""
+        if entry.cancel is not None:
+            self.run_now(entry)  # cancelled before it was even queued
+            return
         adm = self.admissions[entry.pool]
-        if adm.offer(entry):
-            entry.running = True
-            self.start_chain_actor(entry, entry.state)
-        self.metrics.set_admission(entry.pool, len(adm.waiting), adm.running, adm.limit)
+        if adm.offer(entry, entry.state.deadline_at):
+            self.start_admitted(entry.pool, [entry])
+        else:
+            self.metrics.set_admission(entry.pool, len(adm.waiting), adm.running, adm.limit)
 
     def run_now(self, entry: _Entry) -> None:
         """Start a chain regardless of its pool's limit (it is half done, or being cancelled)."""
-        adm = self.admissions[entry.pool]
-        adm.enter()
-        entry.running = True
-        self.start_chain_actor(entry, entry.state)
-        self.metrics.set_admission(entry.pool, len(adm.waiting), adm.running, adm.limit)
+        self.admissions[entry.pool].enter()
+        self.start_admitted(entry.pool, [entry])
 
     def left(self, entry: _Entry) -> None:
         """A running chain ended (or was quarantined): start the chains it made room for."""
@@ -541,19 +546,33 @@ class _Core:
             self.start_admitted(pool, adm.observe(delay_s, idle))
 
     def admission_tick(self, pool: str) -> None:
-        """Every poll: end the admission window of ``pool`` even if nothing was fired."""
+        """Every poll: end the admission window of ``pool`` even if nothing was fired, and
+        start (to end them) the waiting chains whose deadline passed."""
         adm = self.admissions[pool]
+        expired = adm.expired(time.time())
         if adm.target_s is not None:
-            self.start_admitted(pool, adm.tick(self.pool_state(pool).queued == 0))
+            expired += adm.tick(self.pool_state(pool).queued == 0)
+        if expired:
+            self.start_admitted(pool, expired)
 
     def start_admitted(self, pool: str, entries: list[_Entry]) -> None:
-        for entry in entries:
+        """Start chains their pool counted as running. One that is gone (or the runtime is
+        stopping) gives its place back; one whose start fails is a failed actor."""
+        adm = self.admissions[pool]
+        todo = list(entries)
+        while todo:
+            entry = todo.pop(0)
             if self.stopping or self.chains.get(entry.chain_id) is not entry:
-                self.admissions[pool].ended()  # stopped or gone meanwhile: not running
+                todo.extend(adm.ended())  # not running after all: its place goes on
                 continue
             entry.running = True
-            self.start_chain_actor(entry, entry.state)
-        adm = self.admissions[pool]
+            try:
+                self.start_chain_actor(entry, entry.state)
+            except Exception as exc:  # noqa: BLE001 - reported to the supervisor, like a crash
+                logger.exception("chain %s: starting its actor failed", entry.chain_id,
+                                 extra={"chain_id": entry.chain_id, "pool": pool})
+                entry.ref = None
+                self.child_failed("command", entry.chain_id, exc)
         self.metrics.set_admission(pool, len(adm.waiting), adm.running, adm.limit)
 
     def escalate(self, reason: str) -> None:
@@ -633,8 +652,7 @@ class Runtime:
         self._owns_store = False
         self._store_had_rows = False
         self.recovered: list[ChainHandle] = []
-        self._gc_before: tuple[int, int, int] | None = None
-        self._switch_before: float | None = None
+        self._tuned = False  # this runtime counts among the interpreter settings' users
         self._ended_task_index: dict[str, bool] | None = None
         self.quarantined = 0
 
@@ -645,15 +663,13 @@ class Runtime:
         if self._started:
             raise RuntimeError("this Runtime was already started")
         self._started = True
-        self._gc_before = _raise_gc_threshold(self.options.gc_threshold)
-        if self.options.switch_interval_s is not None:
-            self._switch_before = sys.getswitchinterval()
-            sys.setswitchinterval(self.options.switch_interval_s)
-        if self._metrics_port is not None:
-            self.metrics_server = start_metrics_server(
-                self.metrics, self._metrics_port, self._metrics_addr
-            )
+        _interpreter.enter(self.options)
+        self._tuned = True
         try:
+            if self._metrics_port is not None:
+                self.metrics_server = start_metrics_server(
+                    self.metrics, self._metrics_port, self._metrics_addr
+                )
             store = self._open_store()
         except BaseException:
             self._undo_start()
@@ -697,12 +713,9 @@ class Runtime:
         self._restore_interpreter()
 
     def _restore_interpreter(self) -> None:
-        if self._gc_before is not None:
-            gc.set_threshold(*self._gc_before)
-            self._gc_before = None
-        if self._switch_before is not None:
-            sys.setswitchinterval(self._switch_before)
-            self._switch_before = None
+        if self._tuned:
+            self._tuned = False
+            _interpreter.leave()
 
     # -- durability --------------------------------------------------------------------------
 
@@ -939,8 +952,8 @@ class Runtime:
         core.scheduler.stop()
         core.workers.shutdown(max(0.1, deadline - time.monotonic()))
         store = self.store
-        if isinstance(store, GroupCommitStore) and store._after_durable == core.send_outbox:
-            store._after_durable = None  # a store passed in may serve a later runtime
+        if isinstance(store, GroupCommitStore) and core.send_outbox in store._after_durable:
+            store._after_durable.remove(core.send_outbox)  # a store passed in lives on
         self._close_store()
         if self.metrics_server is not None:
             self.metrics_server.stop()
@@ -970,6 +983,12 @@ class Runtime:
         if isinstance(spec, Mapping):
             spec = ChainSpec.from_dict(spec)
         spec = validate_spec(spec, self.pools)
+        try:
+            command = spec.make_command()  # here, not on whichever thread starts the chain
+        except Exception as exc:  # noqa: BLE001 - user code: the spec is refused
+            raise ChainSpecError(
+                "command", f"{spec.command or 'steps'}: building the command raised "
+                           f"{type(exc).__name__}: {exc}") from exc
         chain_id = spec.chain_id or new_hex()
         opts = self.options
         state = ch.new_chain(
@@ -979,6 +998,7 @@ class Runtime:
         )
         handle = ChainHandle(self, chain_id, spec.pool)
         entry = _Entry(chain_id, spec.pool, state, handle)
+        entry.command = command
         store = core.store
         with self._submit_lock:
             if chain_id in core.chains:
@@ -1034,12 +1054,12 @@ class Runtime:
             core.run_now(entry)
             return True
         if entry.ref is None:
-            if entry.state.phase != "new":
-                return False  # being rebuilt after a failure
-            # Admitted a moment ago and about to start: its on_start applies the cancel.
+            # Admitted a moment ago and about to start (its ref is published before its
+            # on_start runs, which applies the cancel to a chain in phase new), or being
+            # rebuilt after a failure (not cancellable until it is back).
             entry.cancel = reason
             if entry.ref is None:
-                return True
+                return entry.state.phase == "new"
         assert entry.ref is not None
         try:
             entry.ref.tell(ch.Cancel(reason, time.time()))
@@ -1095,16 +1115,49 @@ class Runtime:
 
 
 
-def _raise_gc_threshold(threshold: int | None) -> tuple[int, int, int] | None:
-    """Raise the collector's first threshold to ``threshold``; the previous setting, to
-    restore, or None when nothing was changed."""
-    if threshold is None:
-        return None
-    before = gc.get_threshold()
-    if before[0] >= threshold:
-        return None
-    gc.set_threshold(threshold, *before[1:])
-    return before
+class _InterpreterSettings:
+    """The process-wide settings running runtimes change (the collector's first threshold,
+    the thread switch interval): saved when the first runtime starts, restored when the last
+    one stops, whatever order they stop in."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._saved: tuple[tuple[int, int, int], float] | None = None
+        self._gc_changed = False
+        self._switch_changed = False
+
+    def enter(self, options: RuntimeOptions) -> None:
+        with self._lock:
+            if self._users == 0:
+                self._saved = (gc.get_threshold(), sys.getswitchinterval())
+                self._gc_changed = self._switch_changed = False
+            self._users += 1
+            if options.gc_threshold is not None:
+                threshold = gc.get_threshold()
+                if threshold[0] < options.gc_threshold:
+                    gc.set_threshold(options.gc_threshold, *threshold[1:])
+                    self._gc_changed = True
+            if options.switch_interval_s is not None:
+                interval = options.switch_interval_s
+                if self._switch_changed:
+                    interval = min(interval, sys.getswitchinterval())
+                sys.setswitchinterval(interval)
+                self._switch_changed = True
+
+    def leave(self) -> None:
+        with self._lock:
+            self._users -= 1
+            if self._users == 0 and self._saved is not None:
+                threshold, interval = self._saved
+                if self._gc_changed:
+                    gc.set_threshold(*threshold)
+                if self._switch_changed:
+                    sys.setswitchinterval(interval)
+                self._saved = None
+
+
+_interpreter = _InterpreterSettings()
 
 
 def _same_params(a: object, b: Mapping[str, Any]) -> bool:

@@ -304,13 +304,15 @@ def _plain(value: Any, depth: int) -> bool:
     """True when ``value`` is plain data of the common exact types (dict, list, tuple, str, int,
     finite float, bool, bytes, None) within the bounds. False says "look closer", not "bad":
     subclasses and other mappings go through :func:`_check_plain`, which names what is wrong."""
+    if depth > 16:
+        return False
     t = type(value)
     if t in _ATOMS:
         return True
     if t is float:
         return math.isfinite(value)
-    if depth > 16:
-        return False
+    if depth == 16 and (t is dict or t is list or t is tuple):
+        return not value  # its items would be one level too deep
     if t is dict:
         if len(value) > _MAX_ITEMS:
             return False

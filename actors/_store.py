@@ -334,9 +334,9 @@ class GroupCommitStore(SnapshotStore):
         self._max_batch = max_batch
         self._on_commit = on_commit
         self._on_failure = on_failure
-        # Called by the writer once a commit's on_durable callbacks have all run (the runtime
-        # sends what they queued, one message per actor and commit).
-        self._after_durable: Callable[[], None] | None = None
+        # Called by the writer once a commit's on_durable callbacks have all run (a runtime
+        # sends what they queued, one message per actor and commit): one per runtime using it.
+        self._after_durable: list[Callable[[], None]] = []
         self._clock = clock
         self._cond = threading.Condition(threading.Lock())
         self._pending: collections.deque[_Segment] = collections.deque()
@@ -626,9 +626,9 @@ class GroupCommitStore(SnapshotStore):
                     except Exception:
                         errors += 1
                         _log.exception("snapshot on_durable callback raised")
-        if self._after_durable is not None:
+        for hook in list(self._after_durable):
             try:
-                self._after_durable()
+                hook()
             except Exception:
                 errors += 1
                 _log.exception("snapshot store after_durable callback raised")

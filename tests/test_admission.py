@@ -260,3 +260,63 @@ def test_adapting_a_pool_never_runs_more_chains_than_it_may_have_tasks_outstandi
     state = rt.admission()["A"]
     assert state.limit == 6 and state.running == 6 and state.waiting == 14
     assert len(spm.fired) == 6
+
+
+def test_a_command_whose_constructor_raises_is_refused_at_submit_and_holds_no_place(
+    make_runtime: MakeRuntime,
+) -> None:
+    from actors._spec import ChainSpec, ChainSpecError, Command, register_command
+
+    @register_command("tests.admission.broken")
+    class Broken(Command):
+        def __init__(self, params: object) -> None:
+            raise RuntimeError("no such image")
+
+        def next_step(self, results: object) -> None:  # type: ignore[override]
+            return None
+
+    spm = ScriptedSpm(pool="A")
+    rt = make_runtime(spm, **_fixed(1))
+    with pytest.raises(ChainSpecError, match=r"command.*no such image"):
+        rt.submit(ChainSpec(pool="A", command_type="broken", command="tests.admission.broken"))
+    assert rt.chains() == []
+    assert rt.admission()["A"].running == 0
+    handle = rt.submit(chain("A", step("create")))
+    spm.finish(spm.wait_fired(1)[0].task_id)
+    assert handle.result(WAIT).outcome == ENDED_SUCCESSFULLY
+
+
+def test_a_chain_whose_deadline_passes_while_it_waits_ends_with_failure_firing_nothing(
+    make_runtime: MakeRuntime,
+) -> None:
+    spm = ScriptedSpm(pool="A")
+    rt = make_runtime(spm, **_fixed(1))
+    first = rt.submit(chain("A", step("create")))
+    late = rt.submit(chain("A", step("copy", "uncopy"), deadline_s=0.05))
+    spm.wait_fired(1)
+    result = late.result(WAIT)  # ends while the first chain still holds the only place
+    assert result.outcome == ENDED_WITH_FAILURE
+    assert result.reason is not None and "deadline" in result.reason
+    assert spm.verbs() == ["create"]
+    assert not first.done()
+    spm.finish(spm.fired[0].task_id)
+    assert first.result(WAIT).outcome == ENDED_SUCCESSFULLY
+    assert spm.verbs() == ["create"]
+
+
+def test_a_store_passed_in_serves_one_runtime_after_another(tmp_path: object) -> None:
+    from actors._store_memory import MemoryStore
+
+    store = MemoryStore()
+    try:
+        for n in range(2):
+            spm = ScriptedSpm(pool="A", auto="success")
+            rt = Runtime([spm], RuntimeOptions(**FAST), store=store).start()
+            try:
+                handle = rt.submit(chain("A", step("create"), step("copy"), chain_id=f"c{n}"))
+                assert handle.result(WAIT).outcome == ENDED_SUCCESSFULLY
+            finally:
+                rt.stop()
+        assert store._after_durable == []  # each runtime took its hook back
+    finally:
+        store.close()

@@ -453,3 +453,33 @@ def test_the_interpreter_settings_are_changed_while_running_and_restored_after(
         assert sys.getswitchinterval() == pytest.approx(switch_before)
     finally:
         rt.stop()
+
+
+def test_overlapping_runtimes_restore_the_interpreter_settings_when_the_last_stops() -> None:
+    import gc
+    import socket
+    import sys
+
+    gc_before, switch_before = gc.get_threshold(), sys.getswitchinterval()
+    a = Runtime([ScriptedSpm(pool="A")], RuntimeOptions(switch_interval_s=0.002)).start()
+    b = Runtime([ScriptedSpm(pool="A")], RuntimeOptions(switch_interval_s=0.003)).start()
+    try:
+        assert sys.getswitchinterval() == pytest.approx(0.002)  # the shortest asked for
+        a.stop()
+        assert sys.getswitchinterval() == pytest.approx(0.002)  # b still runs
+        assert gc.get_threshold()[0] >= 50_000
+    finally:
+        a.stop()
+        b.stop()
+    assert sys.getswitchinterval() == pytest.approx(switch_before)
+    assert gc.get_threshold() == gc_before
+    # A start that fails before the store (its metrics port is taken) restores them too.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        bad = Runtime([ScriptedSpm(pool="A")], metrics_port=port)
+        with pytest.raises(OSError):
+            bad.start()
+    assert sys.getswitchinterval() == pytest.approx(switch_before)
+    assert gc.get_threshold() == gc_before

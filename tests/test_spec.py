@@ -298,3 +298,24 @@ def test_the_fast_plain_data_check_never_accepts_what_the_precise_one_refuses(
         assert precise_ok
     if not precise_ok:
         assert not _plain(value, 0)
+
+
+def test_nesting_depth_is_judged_the_same_on_the_fast_and_the_precise_paths() -> None:
+    from actors._spec import _check_plain, _plain
+
+    def nested(levels: int, leaf: object) -> object:
+        value = leaf
+        for _ in range(levels):
+            value = [value]
+        return value
+
+    for levels in (15, 16, 17):
+        for leaf in (1, [], {}, [1]):
+            value = {"a": nested(levels, leaf)}
+            try:
+                _check_plain(value, "params", 0)
+                precise = True
+            except ChainSpecError:
+                precise = False
+            assert _plain(value, 0) == precise, (levels, leaf)
+    assert not _plain({"a": nested(16, 1)}, 0)
