@@ -39,7 +39,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 __all__ = ["PoolAdmission"]
 
@@ -50,8 +50,8 @@ class PoolAdmission(Generic[T]):
     """The admission of one pool's chains (thread-safe). ``T`` is whatever the caller starts."""
 
     __slots__ = (
-        "_clock", "_deadlines", "_lock", "_samples", "_seq", "_window_end", "limit", "maximum",
-        "minimum", "running", "target_s", "waiting", "window_s",
+        "_clock", "_dated", "_deadlines", "_lock", "_samples", "_seq", "_window_end", "limit",
+        "maximum", "minimum", "running", "target_s", "waiting", "window_s",
     )
 
     def __init__(
@@ -75,8 +75,11 @@ class PoolAdmission(Generic[T]):
         self.window_s = window_s
         self.running = 0
         self.waiting: deque[T] = deque()
-        # (deadline, seq, chain) of the waiting chains that have a deadline (wall clock)
-        self._deadlines: list[tuple[float, int, T]] = []
+        # [deadline, seq, chain] of the waiting chains that have one (wall clock), a heap; the
+        # chain is set to None when it stops waiting (admitted, removed), and the heap is
+        # rebuilt when such husks make up most of it
+        self._deadlines: list[list[Any]] = []
+        self._dated: dict[int, list[Any]] = {}  # id(chain) -> its heap entry, while waiting
         self._seq = itertools.count()
         self._samples: list[float] = []
         self._clock = clock
@@ -94,8 +97,21 @@ class PoolAdmission(Generic[T]):
                 return True
             self.waiting.append(item)
             if deadline is not None:
-                heapq.heappush(self._deadlines, (deadline, next(self._seq), item))
+                entry = [deadline, next(self._seq), item]
+                self._dated[id(item)] = entry
+                heap = self._deadlines
+                if len(heap) > 1024 and len(heap) > 2 * len(self._dated):
+                    heap[:] = [e for e in heap if e[2] is not None]
+                    heapq.heapify(heap)
+                heapq.heappush(heap, entry)
             return False
+
+    def _undate(self, item: T) -> None:
+        entry = self._dated.pop(id(item), None)
+        if entry is not None:
+            entry[2] = None
+            if not self._dated:
+                self._deadlines.clear()  # only husks left
 
     def expired(self, now: float) -> list[T]:
         """The waiting chains whose deadline passed, taken out of the queue and counted as
@@ -106,15 +122,13 @@ class PoolAdmission(Generic[T]):
             return out
         with self._lock:
             while heap and heap[0][0] <= now:
-                _, _, item = heapq.heappop(heap)
-                try:
-                    self.waiting.remove(item)
-                except ValueError:
-                    continue  # admitted or cancelled meanwhile
+                item = heapq.heappop(heap)[2]
+                if item is None:
+                    continue  # admitted or removed meanwhile
+                self._undate(item)
+                self.waiting.remove(item)
                 self.running += 1
                 out.append(item)
-            if not self.waiting:
-                heap.clear()
         return out
 
     def enter(self) -> None:
@@ -129,6 +143,7 @@ class PoolAdmission(Generic[T]):
                 self.waiting.remove(item)
             except ValueError:
                 return False
+            self._undate(item)
             return True
 
     def ended(self) -> list[T]:
@@ -198,6 +213,9 @@ class PoolAdmission(Generic[T]):
         out: list[T] = []
         waiting = self.waiting
         while waiting and self.running < self.limit:
-            out.append(waiting.popleft())
+            item = waiting.popleft()
+            if self._dated:
+                self._undate(item)
+            out.append(item)
             self.running += 1
         return out

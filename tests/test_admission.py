@@ -320,3 +320,43 @@ def test_a_store_passed_in_serves_one_runtime_after_another(tmp_path: object) ->
         assert store._after_durable == []  # each runtime took its hook back
     finally:
         store.close()
+
+
+def test_the_deadline_queue_keeps_no_chain_that_stopped_waiting() -> None:
+    import gc
+    import weakref
+
+    class Chain:
+        pass
+
+    adm: PoolAdmission[Chain] = PoolAdmission(target_s=None, maximum=1)
+    first = Chain()
+    assert adm.offer(first, deadline=1e12)
+    chains = [Chain() for _ in range(5000)]
+    refs = [weakref.ref(c) for c in chains]
+    for c in chains:
+        assert not adm.offer(c, deadline=1e12)
+    del c
+    for _ in range(5000):
+        admitted = adm.ended()
+        assert len(admitted) == 1
+    del chains, admitted
+    gc.collect()
+    # Every chain was admitted (and dropped by the caller): none is kept for its deadline.
+    assert all(r() is None for r in refs)
+    assert adm._deadlines == []  # nothing waits: not even the husks are kept
+
+
+def test_expired_hands_back_only_chains_still_waiting_in_deadline_order() -> None:
+    adm, _ = _adm(target_s=None, maximum=1)
+    assert adm.offer("run", deadline=5.0)
+    for name, deadline in (("a", 30.0), ("b", 10.0), ("c", 20.0), ("d", None)):
+        adm.offer(name, deadline=deadline)
+    assert adm.remove("c")
+    assert adm.expired(9.0) == []
+    assert adm.expired(25.0) == ["b"]  # c was removed
+    assert list(adm.waiting) == ["a", "d"]
+    assert adm.ended() == []  # b counts as running now: the limit (1) is still taken
+    assert adm.running == 2 - 1
+    assert adm.expired(100.0) == ["a"]
+    assert list(adm.waiting) == ["d"]
