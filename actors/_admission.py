@@ -187,21 +187,17 @@ class PoolAdmission(Generic[T]):
         limit = self.limit
         binding = bool(self.waiting) and self.running >= limit - 1 and idle
         if len(samples) < 4:
-            if not binding or (samples and max(samples) > 0.5 * target):
-                return []
-            limit = limit * 2 + 1
-            if self.maximum is not None:
-                limit = min(float(self.maximum), limit)
-            self.limit = limit
-            return self._admit()
-        samples.sort()
-        p90 = samples[(len(samples) * 9) // 10]
-        if p90 > target:
-            limit *= max(0.5, target / p90)
-        elif binding:
-            if p90 < 0.5 * target:
+            # Too few to judge: a binding limit grows if what there is is well under target.
+            if binding and not (samples and max(samples) > 0.5 * target):
                 limit = limit * 2 + 1
-            elif p90 < 0.8 * target:
+        else:
+            samples.sort()
+            p90 = samples[(len(samples) * 9) // 10]
+            if p90 > target:
+                limit *= max(0.5, target / p90)
+            elif binding and p90 < 0.5 * target:
+                limit = limit * 2 + 1
+            elif binding and p90 < 0.8 * target:
                 limit = limit * 1.05 + 1
         limit = max(float(self.minimum), limit)
         if self.maximum is not None:

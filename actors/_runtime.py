@@ -379,8 +379,7 @@ class _Core:
             # Every state that asks for a fire or a stop comes with effects: the callback is
             # where it becomes what a rebuilt SpmTaskActor may act upon (see resync).
             pool = entry.pool
-            msgs, ended = task_messages(effects, entry.chain_id, pool, state.task_timeout_s,
-                                        seen_at)
+            ended = any(isinstance(eff, ch.ChainEnded) for eff in effects)
             if ended or not self.batched:
                 ref = actor.actor_ref
 
@@ -396,6 +395,8 @@ class _Core:
                 # its successor asks again, and the SpmTaskActor fires a (chain, step) once and
                 # takes a second clear of a task as done.
                 outbox = self.outbox
+                msgs, _ = task_messages(effects, entry.chain_id, pool, state.task_timeout_s,
+                                        seen_at)
 
                 def callback() -> None:
                     entry.durable = state
@@ -524,7 +525,7 @@ class _Core:
         if adm.offer(entry, entry.state.deadline_at):
             self.start_admitted(entry.pool, [entry])
         else:
-            self.metrics.set_admission(entry.pool, len(adm.waiting), adm.running, adm.limit)
+            self.publish_admission(entry.pool)
 
     def run_now(self, entry: _Entry) -> None:
         """Start a chain regardless of its pool's limit (it is half done, or being cancelled)."""
@@ -573,6 +574,11 @@ class _Core:
                                  extra={"chain_id": entry.chain_id, "pool": pool})
                 entry.ref = None
                 self.child_failed("command", entry.chain_id, exc)
+        self.publish_admission(pool)
+
+    def publish_admission(self, pool: str) -> None:
+        """Set the pool's admission gauges (waiting, running, limit)."""
+        adm = self.admissions[pool]
         self.metrics.set_admission(pool, len(adm.waiting), adm.running, adm.limit)
 
     def escalate(self, reason: str) -> None:
@@ -687,8 +693,7 @@ class Runtime:
         core.supervisor = SupervisorActor.start(core, self.options.supervision)
         for pool in self.pools:
             self.metrics.declare_pool(pool)
-            adm = core.admissions[pool]
-            self.metrics.set_admission(pool, 0, 0, adm.limit)
+            core.publish_admission(pool)
             core.start_pool_actors(pool)
         for state in recovered:
             handle = ChainHandle(self, state.chain_id, state.spec.pool)
