@@ -124,6 +124,14 @@ class Resync:
 
 
 @dataclass(frozen=True, slots=True)
+class Begin:
+    """Runtime → SpmTaskActor, its first message, sent once its ref is where the PollerActor
+    finds it: watch the discards a predecessor left half done, clear and discard what recovery
+    found. (Work started before that could be answered to no one: an orphan the poller saw
+    end at its first poll was reported to a pool that had no SpmTaskActor yet.)"""
+
+
+@dataclass(frozen=True, slots=True)
 class Rewatch:
     """Runtime → SpmTaskActor: the pool's PollerActor was rebuilt; tell it every task again."""
 

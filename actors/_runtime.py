@@ -451,11 +451,14 @@ class _Core:
             pass
 
     def start_pool_actors(self, pool: str) -> None:
-        # The poller first: the SpmTaskActor's on_start may already watch recovery orphans.
+        # The poller first: the SpmTaskActor's first message may already watch recovery
+        # orphans, and begins only once both are reachable (what it starts is answered by the
+        # poller to ``task_actors[pool]``).
         self.pollers[pool] = PollerActor.start(self, pool)
-        self.task_actors[pool] = SpmTaskActor.start(
+        self.task_actors[pool] = ref = SpmTaskActor.start(
             self, pool, self.orphans.pop(pool, []), self.recovery_acked.pop(pool, [])
         )
+        ref.tell(m.Begin())
 
     def restart(self, kind: str, key: str, strategy: str) -> None:
         self.metrics.actor_restarted(kind)
@@ -468,9 +471,11 @@ class _Core:
             self.pollers[pool] = PollerActor.start(self, pool)
         if kind == "spm_task" or strategy == "one_for_pool":
             _stop_quietly(self.task_actors.get(pool))
-            self.task_actors[pool] = SpmTaskActor.start(self, pool)
-            # Only now that the new actor is reachable: what the chains have in flight and
-            # still want fired (its Adopts also tell the poller what to watch).
+            self.task_actors[pool] = ref = SpmTaskActor.start(self, pool)
+            # Only now that the new actor is reachable: the discards its predecessor left
+            # (Begin), what the chains have in flight and still want fired (its Adopts also
+            # tell the poller what to watch).
+            ref.tell(m.Begin())
             self.resync(pool)
         else:
             # A new poller alone: the SpmTaskActor tells it every task it knows.

@@ -111,7 +111,7 @@ class SpmTaskActor(Supervised, ThreadActor):
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    def on_start(self) -> None:
+    def _begin(self) -> None:
         if self.discarding:
             # Discards a failed predecessor left half done: watch them afresh, so that their
             # end is reported to this actor, which reverts (if need be) and clears them.
@@ -167,6 +167,8 @@ class SpmTaskActor(Supervised, ThreadActor):
             self._resync(message)
         elif isinstance(message, m.Rewatch):
             self._rewatch()
+        elif isinstance(message, m.Begin):
+            self._begin()
         elif isinstance(message, m.Discard):
             self._discard(message.task_id, message.reason)
         elif isinstance(message, m.OrphanEnded):

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from _engine_proc import ENGINE_OPTIONS, chain_specs
@@ -24,6 +25,7 @@ from actors._loadtest import pool_ids
 from actors._runtime import Runtime, RuntimeOptions
 from actors._snapshot import HEADER_SIZE, _frame
 from actors._spec import ChainSpec
+from actors._spm_task import SpmTaskActor
 from spm._clock import HeldClock
 from spm._simulator import SimulatedSpm
 
@@ -155,3 +157,54 @@ def test_corrupt_truncated_and_unknown_version_snapshots_are_quarantined_and_the
     finally:
         again.stop()
 
+
+
+def test_orphans_that_end_before_the_pools_spm_task_actor_is_registered_are_still_discarded(
+    live_store: tuple[Path, SimulatedSpm, HeldClock, list[ChainSpec]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The poller may see a recovery orphan end at its first poll, before the runtime has put
+    the new SpmTaskActor where the poller sends its reports. That report must not be lost (it
+    was: the discard stayed "stopping" forever and the pool never fired again)."""
+    db, spm, clock, specs = live_store
+    ids = [str(s.chain_id) for s in specs]
+    damaged = ids[1], ids[4]
+    for chain_id in damaged:
+        _overwrite(db, chain_id, _blob(db, chain_id)[: HEADER_SIZE + 3])
+
+    polled = threading.Condition()
+    polls = [0]
+    real_statuses = spm.getAllTasksStatuses
+
+    def counting_statuses() -> Any:
+        out = real_statuses()
+        with polled:
+            polls[0] += 1
+            polled.notify_all()
+        return out
+
+    monkeypatch.setattr(spm, "getAllTasksStatuses", counting_statuses)
+    real_start = SpmTaskActor.start
+
+    def late_registered_start(*args: Any, **kwargs: Any) -> Any:
+        ref = real_start(*args, **kwargs)
+        with polled:  # the poller looks a few times before the runtime knows ``ref``
+            seen = polls[0]
+            assert polled.wait_for(lambda: polls[0] >= seen + 3, WAIT), "the poller never polled"
+        return ref
+
+    monkeypatch.setattr(SpmTaskActor, "start", staticmethod(late_registered_start))
+    clock.release(jump=60.0)
+    rt = Runtime({spm.pool: spm}, RuntimeOptions(**ENGINE_OPTIONS), store=db).start()
+    try:
+        assert rt.quarantined == len(damaged)
+        for handle in rt.recovered:
+            result = handle.result(WAIT)
+            assert result.outcome == ENDED_SUCCESSFULLY, (handle.chain_id, result.reason)
+        _wait_for("every task to be cleared from the SPM", lambda: not spm.getAllTasksStatuses())
+    finally:
+        rt.stop()
+    for spec in specs:
+        if spec.chain_id in damaged:
+            assert not any(o.img_uuid == spec.params["imgUUID"] for o in spm.objects()), (
+                f"{spec.chain_id}: an orphan's effect was left on the storage")
