@@ -251,7 +251,8 @@ class ChainHandle:
 class _PoolState:
     """What one pool's SpmTaskActor knows that must outlive it (see SpmTaskActor)."""
 
-    __slots__ = ("by_ref", "discarding", "hold", "owners", "queued")
+    __slots__ = ("by_ref", "discarding", "hold", "owners", "queued", "recovery_acked",
+                 "recovery_orphans")
 
     def __init__(self) -> None:
         self.owners: dict[str, tuple[str, tuple[str, int, int]]] = {}
@@ -259,6 +260,11 @@ class _PoolState:
         self.discarding: dict[str, str] = {}
         self.hold = False
         self.queued = 0  # requests waiting in the SpmTaskActor for an SPM slot (admission)
+        # Found by recovery, for the pool's first SpmTaskActor to act upon (and, should it
+        # fail before it has, its successor): tasks owned by no chain, to discard before
+        # anything is fired (``hold``); tasks whose outcome a chain recorded, to clear.
+        self.recovery_orphans: list[str] = []
+        self.recovery_acked: list[str] = []
 
 
 class _Core:
@@ -268,8 +274,6 @@ class _Core:
                  metrics: RuntimeMetrics, store: SnapshotStore | None) -> None:
         self.rt = rt
         self.store = store
-        self.orphans: dict[str, list[str]] = {}  # pool -> tasks found unowned at recovery
-        self.recovery_acked: dict[str, list[str]] = {}  # pool -> ended chains' tasks to clear
         # Every task fired and not yet cleared -> the chain that owns it, or None once the
         # chain ended without learning its outcome (it discarded the task). Kept here, not in
         # an actor, so that a restarted SpmTaskActor or PollerActor can tell a task whose chain
@@ -455,9 +459,7 @@ class _Core:
         # orphans, and begins only once both are reachable (what it starts is answered by the
         # poller to ``task_actors[pool]``).
         self.pollers[pool] = PollerActor.start(self, pool)
-        self.task_actors[pool] = ref = SpmTaskActor.start(
-            self, pool, self.orphans.pop(pool, []), self.recovery_acked.pop(pool, [])
-        )
+        self.task_actors[pool] = ref = SpmTaskActor.start(self, pool)
         ref.tell(m.Begin())
 
     def restart(self, kind: str, key: str, strategy: str) -> None:
@@ -664,7 +666,7 @@ class Runtime:
         self._store_had_rows = False
         self.recovered: list[ChainHandle] = []
         self._tuned = False  # this runtime counts among the interpreter settings' users
-        self._ended_task_index: dict[str, bool] | None = None
+        self._ended_task_index: dict[str, tuple[bool, str]] | None = None
         self.quarantined = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -881,26 +883,32 @@ class Runtime:
                                                    "task_id": task_id})
                     state, _ = ch.transition(state, ch.TaskLost(task_id, now), command)
             out.append(state)
+        ps = core.pool_state(pool)
         if unowned:
             ended_acked = self._ended_chains_tasks(core, set(unowned))
-            acked.extend(sorted(ended_acked))
+            for tid, chain_id in sorted(ended_acked.items()):
+                acked.append(tid)
+                # Known as its ended chain's: a clear that fails is tried again when the
+                # poller finds it unowned, and it is never taken for an orphan (reverted).
+                core.task_owners[tid] = chain_id
             orphans = [tid for tid in unowned if tid not in ended_acked]
             if orphans:
                 logger.warning("pool %s: %d tasks on the SPM belong to no chain; discarding "
                                "them", pool, len(orphans), extra={"pool": pool})
-                core.orphans[pool] = orphans
+                ps.recovery_orphans = orphans
+                ps.hold = True  # nothing is fired on the pool until they are gone
         if acked:
             logger.info("pool %s: %d tasks whose outcome was recorded are still on the SPM; "
                         "clearing them", pool, len(acked), extra={"pool": pool})
-            core.recovery_acked[pool] = acked
+            ps.recovery_acked = acked
         return out
 
-    def _ended_chains_tasks(self, core: _Core, candidates: set[str]) -> set[str]:
+    def _ended_chains_tasks(self, core: _Core, candidates: set[str]) -> dict[str, str]:
         """Those of ``candidates`` whose outcome an ended chain recorded (they only need
-        clearing: the chain ended before clearing them). Reads ended snapshots, only when some
-        task on an SPM is owned by no live chain."""
+        clearing: the chain ended before clearing them), with that chain. Reads ended
+        snapshots, only when some task on an SPM is owned by no live chain."""
         if self._ended_task_index is None:
-            index: dict[str, bool] = {}
+            index: dict[str, tuple[bool, str]] = {}
             assert core.store is not None
             for row in core.store.load_all():
                 if not row.ended:
@@ -909,16 +917,22 @@ class Runtime:
                     state = ch.ChainState.from_dict(decode_snapshot(row.blob), row.spec)
                 except (SnapshotError, KeyError, TypeError, ValueError, AttributeError):
                     continue
+                cid = state.chain_id
                 for rec in state.steps:
                     if rec.task_id:
-                        index[rec.task_id] = rec.status not in ("running", "submitting")
+                        index[rec.task_id] = (rec.status not in ("running", "submitting"), cid)
                     if rec.revert_task_id:
-                        index[rec.revert_task_id] = rec.revert_status not in (
-                            "running", "submitting")
+                        index[rec.revert_task_id] = (
+                            rec.revert_status not in ("running", "submitting"), cid)
                     for old in rec.old_revert_task_ids:
-                        index[old] = True
+                        index[old] = (True, cid)
             self._ended_task_index = index
-        return {tid for tid in candidates if self._ended_task_index.get(tid)}
+        out: dict[str, str] = {}
+        for tid in candidates:
+            known = self._ended_task_index.get(tid)
+            if known is not None and known[0]:
+                out[tid] = known[1]
+        return out
 
     def __enter__(self) -> Self:
         return self.start()

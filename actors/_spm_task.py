@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -67,8 +68,7 @@ class SpmTaskActor(Supervised, ThreadActor):
     kind = "spm_task"
 
 
-    def __init__(self, core: _Core, pool: str, orphans: list[str] | None = None,
-                 acked: list[str] | None = None) -> None:
+    def __init__(self, core: _Core, pool: str) -> None:
         super().__init__()
         self.core = core
         self.pool = pool
@@ -93,13 +93,8 @@ class SpmTaskActor(Supervised, ThreadActor):
         self.shared: Counter[str] = Counter()
         self.retry_pending = False
         self.backoff = core.options.retry_min_s
-        # Tasks found on the SPM at recovery that no chain owns. Nothing is fired on this pool
-        # until they are discarded: a chain whose step was being fired when the engine died may
-        # be about to fire it again, and its earlier task must be gone (reverted) first.
-        self.recovery_orphans = list(orphans or ())
-        self.recovery_acked = list(acked or ())
-        if self.recovery_orphans:
-            ps.hold = True
+        # Discards whose revert or clear the SPM refused for now: task id -> attempts so far.
+        self.orphan_retries: dict[str, int] = {}
 
     @property
     def hold(self) -> bool:
@@ -118,10 +113,19 @@ class SpmTaskActor(Supervised, ThreadActor):
             now = time.monotonic()
             self.core.tell_poller(self.pool, m.Watch(tuple(
                 m.Watched(task_id, None, "", now, _NEVER) for task_id in self.discarding)))
-        for task_id in self.recovery_acked:
+        # What recovery found (kept in the pool's state until done: should this actor fail
+        # first, its successor does it). Tasks found on the SPM that no chain owns hold the
+        # pool (``ps.hold``, set by recovery): a chain whose step was being fired when the
+        # engine died may be about to fire it again, and its earlier task must be gone
+        # (reverted) first. A clear that fails is tried again when the poller finds the task
+        # unowned (its chain is known, see _discard).
+        ps = self.ps
+        for task_id in ps.recovery_acked:
             self._clear(task_id)
-        for task_id in self.recovery_orphans:
+        ps.recovery_acked = []
+        for task_id in ps.recovery_orphans:
             self._discard(task_id, "found on the SPM at recovery, owned by no chain")
+        ps.recovery_orphans = []
         self._release_hold()
 
     def supervision_key(self) -> str:
@@ -220,7 +224,7 @@ class SpmTaskActor(Supervised, ThreadActor):
         return None
 
     def _release_hold(self) -> None:
-        if self.hold and not self.discarding:
+        if self.hold and not self.discarding and not self.ps.recovery_orphans:
             self.hold = False
             logger.info("pool %s: recovery orphans discarded; firing resumes", self.pool,
                         extra={"pool": self.pool})
@@ -446,6 +450,23 @@ class SpmTaskActor(Supervised, ThreadActor):
             self.pool, m.Watch((m.Watched(task_id, None, "", time.monotonic(), _NEVER),))
         )
 
+    def _retry_orphan(self, task_id: str, doing: str, err: SpmError) -> None:
+        """The SPM refused to revert or clear a discarded task: watch it again after a backoff,
+        so that the poller reports its end once more and this is tried again (the poller
+        reports an orphan's end once; without this the discard, and a recovery hold on the
+        pool, would never end)."""
+        n = self.orphan_retries.get(task_id, 0)
+        self.orphan_retries[task_id] = n + 1
+        opts = self.core.options
+        delay = min(opts.retry_min_s * (2 ** min(n, 30)), opts.retry_max_s)
+        if n == 0 or (n & (n - 1)) == 0:  # the 1st, 2nd, 4th, 8th... failure is logged
+            logger.warning(
+                "pool %s: %s orphan task %s failed (%d times): %s; trying again in %.2f s",
+                self.pool, doing, task_id, n + 1, err, delay,
+                extra={"pool": self.pool, "task_id": task_id},
+            )
+        self.core.scheduler.call_later(delay, _rewatch_later(self.core, self.pool, task_id))
+
     def _orphan_ended(self, task_id: str, succeeded: bool) -> None:
         stage = self.discarding.get(task_id)
         if stage is None:
@@ -457,12 +478,19 @@ class SpmTaskActor(Supervised, ThreadActor):
             try:
                 self.spm.revertTask(task_id)
                 self.discarding[task_id] = "reverting"
+                self.orphan_retries.pop(task_id, None)
                 # Watch it again: its rollback ends it once more (finished/cleanSuccess).
                 self.core.tell_poller(
                     self.pool, m.Watch((m.Watched(task_id, None, "", time.monotonic(), _NEVER),))
                 )
                 return
+            except UnknownTaskError:
+                pass  # gone from the SPM: nothing left to revert
             except SpmError as err:
+                if isinstance(err, _TRANSIENT):
+                    # Not now (the SPM is moving, unreachable): asked again, not skipped.
+                    self._retry_orphan(task_id, "reverting", err)
+                    return
                 logger.warning(
                     "pool %s: reverting orphan task %s failed: %s",
                     self.pool,
@@ -475,19 +503,21 @@ class SpmTaskActor(Supervised, ThreadActor):
         except UnknownTaskError:
             pass
         except SpmError as err:
-            logger.warning(
-                "pool %s: clearing orphan task %s failed: %s",
-                self.pool,
-                task_id,
-                err,
-                extra={"pool": self.pool, "task_id": task_id},
-            )
+            self._retry_orphan(task_id, "clearing", err)
             return
         del self.discarding[task_id]
+        self.orphan_retries.pop(task_id, None)
         self.core.task_owners.pop(task_id, None)
         if self.hold and not self.discarding:
             self._release_hold()
             self._dispatch()
+
+
+def _rewatch_later(core: _Core, pool: str, task_id: str) -> Callable[[], None]:
+    def rewatch() -> None:
+        core.tell_poller(pool, m.Watch((m.Watched(task_id, None, "", time.monotonic(),
+                                                  _NEVER),)))
+    return rewatch
 
 
 def _tell_quietly(ref: pykka.ActorRef[Any], message: Any) -> None:

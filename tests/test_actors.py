@@ -7,15 +7,18 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
 from _fake_spm import FakeTask
-from conftest import WAIT, EndLog, ScriptedSpm, chain, step
+from conftest import FAST, WAIT, EndLog, ScriptedSpm, chain, step
 
 from actors._chain import ENDED_SUCCESSFULLY, ENDED_WITH_FAILURE
 from actors._faults import FaultInjector, InjectedFault
-from actors._runtime import ChainHandle, Runtime, RuntimeStoppedError
+from actors._runtime import ChainHandle, Runtime, RuntimeOptions, RuntimeStoppedError
+from actors._spm_task import SpmTaskActor
 from actors._supervisor import DEFAULT_SUPERVISION, ChildSpec
 from spm._errors import SpmConnectionError
 
@@ -589,3 +592,106 @@ def test_orphan_tasks_are_stopped_or_reverted_and_cleared_after_the_grace(
     spm.finish(mine.task_id)
     assert own.result(WAIT).succeeded
     assert sample(rt, "spmchain_orphan_tasks_total", pool="A") == 2
+
+
+@dataclass
+class _RefusingSpm(ScriptedSpm):
+    """Refuses, for now (a connection error), the first ``refusals[call]`` reverts or clears
+    of the task ``victim``."""
+
+    victim: str = ""
+    refusals: Counter[str] = field(default_factory=Counter)
+
+    def _refuse(self, call: str, task_id: str) -> None:
+        with self.lock:
+            if task_id == self.victim and self.refusals[call] > 0:
+                self.refusals[call] -= 1
+                self.calls.append((f"refused {call}", task_id))
+                raise SpmConnectionError("the SPM is moving")
+
+    def revertTask(self, task_id: str) -> None:  # noqa: N802
+        self._refuse("revert", task_id)
+        super().revertTask(task_id)
+
+    def clearTask(self, task_id: str) -> None:  # noqa: N802
+        self._refuse("clear", task_id)
+        super().clearTask(task_id)
+
+
+def test_an_orphan_whose_revert_and_clear_the_spm_refuses_for_now_is_tried_again(
+    make_runtime: MakeRuntime,
+) -> None:
+    spm = _RefusingSpm(pool="A", victim="orphan-done")
+    spm.refusals.update({"revert": 1, "clear": 2})
+    done = FakeTask("orphan-done", "createVolume", {}, state="finished", result="success")
+    with spm.lock:
+        spm.tasks[done.task_id] = done
+    rt = make_runtime(spm, orphan_grace_s=0.1)
+    spm.expect(lambda: "orphan-done" not in spm.tasks, "the orphan reverted and cleared")
+    calls = [c for c in spm.calls if c[1] == "orphan-done"]
+    assert calls == [("stop", "orphan-done"), ("refused revert", "orphan-done"),
+                     ("revert", "orphan-done"), ("refused clear", "orphan-done"),
+                     ("refused clear", "orphan-done"), ("clear", "orphan-done")]
+    assert rt.submit(chain("A", step("after"))) is not None
+
+
+def test_a_recovery_orphan_whose_clear_fails_once_still_lets_the_pool_fire() -> None:
+    """Recovery holds the pool's fires until its orphans are gone; a clear the SPM refuses
+    once must not keep the hold forever (the poller reports an orphan's end only once)."""
+    spm = _RefusingSpm(pool="A", victim="orphan", auto="success")
+    spm.refusals.update({"clear": 1})
+    with spm.lock:
+        spm.tasks["orphan"] = FakeTask("orphan", "copyImage", {}, state="finished",
+                                       result="cleanSuccess")
+    rt = Runtime([spm], RuntimeOptions(**FAST), store="memory").start()
+    try:
+        handle = rt.submit(chain("A", step("s1")))
+        assert handle.result(WAIT).succeeded
+    finally:
+        rt.stop()
+    calls = list(spm.calls)
+    assert calls.index(("refused clear", "orphan")) < calls.index(("clear", "orphan"))
+    assert calls.index(("clear", "orphan")) < calls.index(("fire", "s1"))
+
+
+def test_recovery_work_survives_the_first_spm_task_actor_failing_before_it_began(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What recovery found is kept in the pool's state, not handed to one actor: its
+    successor still holds the pool until the orphans are gone, and still knows a task whose
+    ended chain recorded its outcome (cleared, never reverted as an orphan)."""
+    db = tmp_path / "snapshots.sqlite"
+    spm = ScriptedSpm(pool="A", auto="success")
+    rt = Runtime([spm], RuntimeOptions(**FAST), store=db).start()
+    try:
+        assert rt.submit(chain("A", step("create", "delete"))).result(WAIT).succeeded
+    finally:
+        rt.stop()
+    created = spm.fired[0].task_id
+    with spm.lock:  # the engine died after the chain recorded its end, before the clear
+        spm.tasks[created] = FakeTask(created, "create", {}, state="finished", result="success")
+        spm.tasks["orphan"] = FakeTask("orphan", "copyImage", {})  # running, owned by no one
+        spm.calls.clear()
+    real_begin = SpmTaskActor._begin
+    failed: list[bool] = []
+
+    def begin_failing_once(self: SpmTaskActor) -> None:
+        if not failed:
+            failed.append(True)
+            raise InjectedFault("the first SpmTaskActor fails before it began")
+        real_begin(self)
+
+    monkeypatch.setattr(SpmTaskActor, "_begin", begin_failing_once)
+    rt = Runtime([spm], RuntimeOptions(**FAST, orphan_grace_s=0.2), store=db).start()
+    try:
+        handle = rt.submit(chain("A", step("other")))
+        assert handle.result(WAIT).succeeded
+        spm.expect(lambda: not spm.tasks, "every task cleared")
+        assert failed == [True]
+        assert sample(rt, "spmchain_actor_restarts_total", kind="spm_task") == 1
+    finally:
+        rt.stop()
+    calls = list(spm.calls)
+    assert [c for c in calls if c[1] == created] == [("clear", created)]
+    assert calls.index(("stop", "orphan")) < calls.index(("clear", "orphan"))
+    assert calls.index(("clear", "orphan")) < calls.index(("fire", "other"))
