@@ -885,9 +885,10 @@ def resume_effects(state: ChainState) -> list[Effect]:
     is safe to perform again. A pending hook runs again (hooks are at-least-once); a step or
     revert still being submitted is asked for again (the SpmTaskActor fires a (chain, ref) at
     most once, and recovery resolves the window between sending and recording the task id from
-    the SPM before this runs); a stop that was decided is sent again; an ended chain reports
-    its end. Running tasks are re-adopted by the caller from :meth:`ChainState.in_flight`.
-    """
+    the SPM before this runs); a stop that was decided (of a step or of a revert) is sent
+    again; an ended chain reports its end. Running tasks are re-adopted by the caller from
+    :meth:`ChainState.in_flight` (and reported again as zombies if they still run past the
+    timeout)."""
     if state.phase == "ended":
         assert state.outcome is not None
         return [ChainEnded(state.outcome, state.reason)]
@@ -904,7 +905,7 @@ def resume_effects(state: ChainState) -> list[Effect]:
                 assert rec.revert_verb is not None
                 params = rec.revert_params if rec.revert_params is not None else rec.params
                 effects.append(FireTask(ref, rec.revert_verb, params, rec.exclusive, rec.shared))
-        elif ref[0] == "step" and rec.stop_sent:
+        elif rec.stop_sent if ref[0] == "step" else rec.revert_stop_sent:
             effects.append(StopTask(task_id))
     return effects
 

@@ -88,6 +88,10 @@ class CommandActor(Supervised, PooledActor):
                 self._apply(ch.Start(now))
         else:
             self._resume()
+            if self.entry.cancel is not None and not self.state.ended:
+                # Cancelled while it was being rebuilt, or the Cancel was lost with the
+                # actor it replaces (a no-op when the chain had applied it already).
+                self._apply(ch.Cancel(self.entry.cancel, time.time()))
         self._arm_deadline()
 
     def supervision_key(self) -> str:

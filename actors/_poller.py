@@ -127,7 +127,11 @@ class PollerActor(Supervised, ThreadActor):
             if w is None or w.chain_id is None:
                 w = self.watched[t.task_id] = _Watch(t.chain_id, t.verb, t.fired_at, t.timeout_s)
                 self.pending[t.task_id] = w
-            elif w.ended:
+            elif not w.ended:
+                # Re-adopted while running (its chain or the SpmTaskActor was rebuilt): a zombie
+                # report the old actor may have lost is made again at the next sweep.
+                w.zombie_told = False
+            else:
                 # Re-adopted after it ended (a restarted SpmTaskActor): it needs to hear again
                 # that the slot is free, and the chain needs the outcome again (next pass).
                 finished_again.append(t.task_id)

@@ -269,7 +269,15 @@ class PooledActor(pykka.Actor):
             try:
                 self.on_start()
             except Exception:
-                self._handle_failure(*sys.exc_info())
+                # Unlike pykka, a failure here is reported like one in a message (on_failure:
+                # supervised), not only logged: a chain whose actor died starting must be
+                # rebuilt or escalated, not left live with no actor.
+                exc_info = sys.exc_info()
+                self._handle_failure(*exc_info)
+                try:
+                    self.on_failure(*exc_info)
+                except Exception:
+                    self._handle_failure(*sys.exc_info())
             return
         try:
             response = self._handle_receive(message)

@@ -198,7 +198,7 @@ class _Entry:
         self.ref: pykka.ActorRef[Any] | None = None
         self.actor: CommandActor | None = None
         self.running = False  # admitted (counted by its pool's admission) and not ended
-        self.cancel: str | None = None  # cancelled while waiting: the reason, applied at start
+        self.cancel: str | None = None  # cancelled: the reason, applied when its actor starts
         self.command: Command | None = None  # built at submit, used by the first start
 
 
@@ -1077,18 +1077,18 @@ class Runtime:
             entry.cancel = reason
             core.run_now(entry)
             return True
-        if entry.ref is None:
-            # Admitted a moment ago and about to start (its ref is published before its
-            # on_start runs, which applies the cancel to a chain in phase new), or being
-            # rebuilt after a failure (not cancellable until it is back).
-            entry.cancel = reason
-            if entry.ref is None:
-                return entry.state.phase == "new"
-        assert entry.ref is not None
+        # Kept on the entry: the chain's actor applies it when it starts (admitted a moment
+        # ago, or being rebuilt after a failure: its ref is published before its on_start
+        # runs), and a rebuilt actor applies it again (the Cancel sent below may be lost with
+        # an actor that fails before it gets to it). Applying it twice changes nothing.
+        entry.cancel = reason
+        ref = entry.ref
+        if ref is None:
+            return True
         try:
-            entry.ref.tell(ch.Cancel(reason, time.time()))
+            ref.tell(ch.Cancel(reason, time.time()))
         except pykka.ActorDeadError:
-            return False
+            pass  # failed: its rebuilt actor applies entry.cancel
         return True
 
     def add_done_callback(self, fn: Callable[[ChainResult], None]) -> None:

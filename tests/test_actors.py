@@ -16,6 +16,7 @@ from _fake_spm import FakeTask
 from conftest import FAST, WAIT, EndLog, ScriptedSpm, chain, step
 
 from actors._chain import ENDED_SUCCESSFULLY, ENDED_WITH_FAILURE
+from actors._command import CommandActor
 from actors._faults import FaultInjector, InjectedFault
 from actors._runtime import ChainHandle, Runtime, RuntimeOptions, RuntimeStoppedError
 from actors._spm_task import SpmTaskActor
@@ -504,6 +505,51 @@ def test_a_succeeded_task_of_an_ended_chain_is_never_reverted_as_an_orphan(
     assert spm.verbs() == ["last"]
 
 
+def test_a_cancel_lost_with_the_chains_failing_actor_is_applied_by_the_rebuilt_one(
+    make_runtime: MakeRuntime,
+) -> None:
+    spm = ScriptedSpm(pool="A")
+    rt = make_runtime(spm)
+    faults = scripted_faults(rt)
+    handle = rt.submit(chain("A", step("prepare", "unprepare"), step("copy")))
+    spm.finish(spm.wait_fired(1)[0].task_id)
+    copy = spm.wait_fired(2)[1]
+    spm.wait_polls(3)  # the chain has heard that copy was fired
+    assert rt.chains()[0].steps[1].task_id == copy.task_id
+    faults.plan([("command", 0)])  # the Cancel is the message its actor fails on
+    assert handle.cancel("operator asked")
+    assert faults.done.wait(WAIT)
+    spm.expect(lambda: ("stop", copy.task_id) in spm.calls, "the running task stopped")
+    spm.finish(spm.wait_fired(3)[2].task_id)  # the revert of prepare
+    result = handle.result(WAIT)
+    assert result.outcome == ENDED_WITH_FAILURE
+    assert result.reason is not None and "operator asked" in result.reason
+    assert spm.verbs() == ["prepare", "copy", "unprepare"]
+    assert sample(rt, "spmchain_actor_restarts_total", kind="command") == 1
+
+
+def test_a_chain_whose_actor_fails_while_starting_is_rebuilt_not_left_without_one(
+    make_runtime: MakeRuntime, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real_on_start = CommandActor.on_start
+    failed: list[bool] = []
+
+    def on_start_failing_once(self: CommandActor) -> None:
+        if not failed:
+            failed.append(True)
+            raise InjectedFault("the chain's actor fails as it starts")
+        real_on_start(self)
+
+    monkeypatch.setattr(CommandActor, "on_start", on_start_failing_once)
+    spm = ScriptedSpm(pool="A", auto="success")
+    rt = make_runtime(spm)
+    handle = rt.submit(chain("A", step("a"), step("b")))
+    assert handle.result(WAIT).succeeded
+    assert failed == [True]
+    assert sample(rt, "spmchain_actor_restarts_total", kind="command") == 1
+    assert spm.verbs() == ["a", "b"]
+
+
 def test_restarts_past_the_intensity_escalate_and_stop_the_runtime(
     make_runtime: MakeRuntime,
 ) -> None:
@@ -562,6 +608,24 @@ def test_a_task_running_past_the_runtimes_task_timeout_is_a_zombie(
     assert result.outcome == ENDED_WITH_FAILURE
     assert result.reason is not None and "zombie" in result.reason
     assert sample(rt, "spmchain_zombie_tasks_total", pool="A") == 1
+
+
+def test_a_zombie_report_lost_with_the_chains_failing_actor_is_made_again(
+    make_runtime: MakeRuntime,
+) -> None:
+    spm = ScriptedSpm(pool="A")
+    rt = make_runtime(spm)
+    faults = scripted_faults(rt)
+    handle = rt.submit(chain("A", step("copy"), task_timeout_s=0.3))
+    zombie = spm.wait_fired(1)[0]
+    spm.wait_polls(3)  # the chain has heard that copy was fired: nothing else is on its way
+    faults.plan([("command", 0)])  # the zombie report is the message its actor fails on
+    assert faults.done.wait(WAIT)
+    spm.expect(lambda: ("stop", zombie.task_id) in spm.calls, "stopTask of the zombie")
+    result = handle.result(WAIT)
+    assert result.outcome == ENDED_WITH_FAILURE
+    assert result.reason is not None and "zombie" in result.reason
+    assert sample(rt, "spmchain_actor_restarts_total", kind="command") == 1
 
 
 def test_orphan_tasks_are_stopped_or_reverted_and_cleared_after_the_grace(

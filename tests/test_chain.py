@@ -889,6 +889,8 @@ def _phase_runs() -> dict[str, tuple[ChainState, list[Effect]]]:
     out["revert submitting"] = (run.state, [_fire_revert(0)])
     run.revert_fired(0)
     out["revert running"] = (run.state, [])
+    stuck, _ = transition(run.state, ZombieTask("r0.1", run.at()), run.command)
+    out["revert running past the timeout, stop decided"] = (stuck, [StopTask("r0.1")])
     run.ended("r0.1", ok=False, code=352, msg="busy")
     out["revert attempt 2 submitting"] = (run.state, [_fire_revert(0, 2)])
     end = _ended(run.revert_succeeds(0, 2))
