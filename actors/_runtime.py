@@ -468,11 +468,14 @@ class _Core:
             self._restart_chain(key)
             return
         pool = key
+        # The failed actor is dead; a live one (one_for_pool) is stopped and waited for before
+        # its successor starts: the two would otherwise work the pool's shared state at once
+        # (fire a step twice, report an orphan's end twice).
         if kind == "poller" or strategy == "one_for_pool":
-            _stop_quietly(self.pollers.get(pool))
+            _stop_and_wait(self.pollers.get(pool))
             self.pollers[pool] = PollerActor.start(self, pool)
         if kind == "spm_task" or strategy == "one_for_pool":
-            _stop_quietly(self.task_actors.get(pool))
+            _stop_and_wait(self.task_actors.get(pool))
             self.task_actors[pool] = ref = SpmTaskActor.start(self, pool)
             # Only now that the new actor is reachable: the discards its predecessor left
             # (Begin), what the chains have in flight and still want fired (its Adopts also
@@ -484,7 +487,12 @@ class _Core:
             self.tell_task_actor(pool, m.Rewatch())
 
     def _restart_chain(self, chain_id: str) -> None:
-        """Rebuild a failed CommandActor from its snapshot (its last recorded state)."""
+        """Rebuild a failed CommandActor from its snapshot (its last recorded state).
+
+        A snapshot that no longer decodes (the store's file was damaged under a running
+        runtime) is not the end of the chain: the state this runtime recorded last is still
+        in memory; the chain is rebuilt from it and it is written again, repairing the store.
+        """
         entry = self.chains.get(chain_id)
         if entry is None:
             return
@@ -499,13 +507,14 @@ class _Core:
                     state = ch.ChainState.from_dict(decode_snapshot(blob),
                                                     store.load_spec(chain_id))
                 except (SnapshotError, KeyError, TypeError, ValueError) as exc:
-                    self.metrics.snapshot_quarantined()
-                    store.quarantine(chain_id, blob, f"does not decode: {exc}", timeout=30.0)
-                    logger.error("chain %s: snapshot quarantined: %s", chain_id, exc,
-                                 extra={"chain_id": chain_id, "pool": entry.pool})
-                    self.chains.pop(chain_id, None)
-                    self.left(entry)
-                    return
+                    logger.error(
+                        "chain %s: its snapshot in the store does not decode (%s: %s); "
+                        "rebuilt from the state recorded last in memory, written again",
+                        chain_id, type(exc).__name__, exc,
+                        extra={"chain_id": chain_id, "pool": entry.pool})
+                    store.save(chain_id, encode_snapshot(state.to_dict(with_spec=False)),
+                               ended=state.ended)
+                    store.flush(timeout=30.0)
         entry.state = entry.durable = state
         self.start_chain_actor(entry, state)
 
@@ -593,13 +602,17 @@ class _Core:
                          name="spmchain-escalate").start()
 
 
-def _stop_quietly(ref: pykka.ActorRef[Any] | None) -> None:
+def _stop_and_wait(ref: pykka.ActorRef[Any] | None, timeout: float = 10.0) -> None:
+    """Stop ``ref`` after the messages it has (a no-op if it is dead already)."""
     if ref is None:
         return
     try:
-        ref.stop(block=False)
+        ref.stop(block=True, timeout=timeout)
     except pykka.ActorDeadError:
         pass
+    except pykka.Timeout:
+        logger.warning("%s did not stop within %g s; starting its successor regardless",
+                       ref, timeout)
 
 
 class Runtime:

@@ -7,7 +7,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -379,13 +379,18 @@ GENEROUS = tuple(
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("strategy", ["one_for_one", "one_for_pool"])
 @pytest.mark.parametrize(("kind", "rate"), [("spm_task", 0.05), ("poller", 0.1)])
 def test_a_failing_pool_actor_is_restarted_and_no_chain_ends_twice_or_fires_twice(
-    make_runtime: MakeRuntime, seed: int, kind: str, rate: float
+    make_runtime: MakeRuntime, seed: int, kind: str, rate: float, strategy: str
 ) -> None:
     spm = ScriptedSpm(pool="A", auto="success", fail_verbs={"fail"})
+    supervision = tuple(
+        replace(s, strategy=strategy) if s.kind in ("spm_task", "poller") else s
+        for s in GENEROUS
+    )
     rt = make_runtime(spm, fault_rates={kind: rate}, fault_seed=seed, max_outstanding=5,
-                      supervision=GENEROUS)
+                      supervision=supervision)
     ended = EndLog(rt)
     handles = submit_mixed(rt, "A", 30)
     assert_every_chain_ended_once_and_no_step_fired_twice(spm, handles, ended)

@@ -19,11 +19,14 @@ from typing import Any
 
 import pytest
 from _engine_proc import ENGINE_OPTIONS, chain_specs
+from conftest import FAST, ScriptedSpm, chain, step
 
-from actors._chain import ENDED_SUCCESSFULLY
+from actors._chain import ENDED_SUCCESSFULLY, TaskEnded
+from actors._command import CommandActor
+from actors._faults import InjectedFault
 from actors._loadtest import pool_ids
 from actors._runtime import Runtime, RuntimeOptions
-from actors._snapshot import HEADER_SIZE, _frame
+from actors._snapshot import HEADER_SIZE, _frame, decode_snapshot
 from actors._spec import ChainSpec
 from actors._spm_task import SpmTaskActor
 from spm._clock import HeldClock
@@ -208,3 +211,43 @@ def test_orphans_that_end_before_the_pools_spm_task_actor_is_registered_are_stil
         if spec.chain_id in damaged:
             assert not any(o.img_uuid == spec.params["imgUUID"] for o in spm.objects()), (
                 f"{spec.chain_id}: an orphan's effect was left on the storage")
+
+
+def test_a_snapshot_damaged_under_a_running_runtime_does_not_lose_its_chain_at_a_rebuild(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The chain's actor fails after its snapshot was damaged on disk: it is rebuilt from the
+    state the runtime recorded last (still in memory), which is written again; the chain
+    ends as if nothing had happened (it was dropped, its handle never answering)."""
+    spm = ScriptedSpm(pool="A")
+    db = tmp_path / "snapshots.sqlite"
+    failed: list[bool] = []
+    real_on_receive = CommandActor.on_receive
+
+    def on_receive_failing_at_the_first_task_end(self: CommandActor, message: Any) -> Any:
+        if isinstance(message, TaskEnded) and not failed:
+            failed.append(True)
+            raise InjectedFault("the chain's actor fails")
+        return real_on_receive(self, message)
+
+    monkeypatch.setattr(CommandActor, "on_receive", on_receive_failing_at_the_first_task_end)
+    rt = Runtime([spm], RuntimeOptions(**FAST), store=db).start()
+    try:
+        handle = rt.submit(chain("A", step("a"), step("b")))
+        first = spm.wait_fired(1)[0]
+        spm.wait_polls(3)
+        rt.flush()
+        blob = bytearray(_blob(db, handle.chain_id))
+        blob[HEADER_SIZE + len(blob[HEADER_SIZE:]) // 2] ^= 0x10
+        _overwrite(db, handle.chain_id, bytes(blob))
+        spm.finish(first.task_id)
+        spm.finish(spm.wait_fired(2)[1].task_id)
+        result = handle.result(WAIT)
+        assert result.outcome == ENDED_SUCCESSFULLY, result.reason
+        assert failed == [True]
+        rt.flush()
+    finally:
+        rt.stop()
+    assert spm.verbs() == ["a", "b"]
+    state = decode_snapshot(_blob(db, handle.chain_id))  # whole again, and up to date
+    assert state["phase"] == "ended" and state["outcome"] == ENDED_SUCCESSFULLY
