@@ -235,11 +235,17 @@ class SpmTaskActor(Supervised, ThreadActor):
         watch: list[m.Watched] = []
         core = self.core
         spm = self.spm
+        chains = core.chains
         try:
             while self.queue and len(self.outstanding) < self.max_outstanding:
                 req = self._next_request()
                 if req is None:
                     break
+                if req.chain_id not in chains:
+                    # Its chain ended while the request waited here (for a slot, a resource,
+                    # the SPM to come back): it is not fired.
+                    self.by_ref.pop((req.chain_id, req.ref), None)
+                    continue
                 self._take(req.exclusive, req.shared)
                 _crash.reached("before_send")
                 try:
@@ -275,6 +281,12 @@ class SpmTaskActor(Supervised, ThreadActor):
                     req.chain_id, req.ref, req.verb, req.exclusive, req.shared, now,
                     req.task_timeout_s,
                 )
+                if req.chain_id not in chains:
+                    # It ended while the verb was on its way: the task is nobody's to keep.
+                    core.task_owners[task_id] = None
+                    self.by_ref.pop((req.chain_id, req.ref), None)
+                    self._discard(task_id, f"its chain {req.chain_id} ended as it was fired")
+                    continue
                 self.owners[task_id] = (req.chain_id, req.ref)
                 core.task_owners[task_id] = req.chain_id
                 self.by_ref[(req.chain_id, req.ref)] = task_id

@@ -21,7 +21,7 @@ from actors._faults import FaultInjector, InjectedFault
 from actors._runtime import ChainHandle, Runtime, RuntimeOptions, RuntimeStoppedError
 from actors._spm_task import SpmTaskActor
 from actors._supervisor import DEFAULT_SUPERVISION, ChildSpec
-from spm._errors import SpmConnectionError
+from spm._errors import NotSpmError, SpmConnectionError
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -613,6 +613,25 @@ def test_a_task_running_past_the_runtimes_task_timeout_is_a_zombie(
     assert result.outcome == ENDED_WITH_FAILURE
     assert result.reason is not None and "zombie" in result.reason
     assert sample(rt, "spmchain_zombie_tasks_total", pool="A") == 1
+
+
+def test_a_request_whose_chain_ended_while_it_waited_for_the_spm_is_never_fired(
+    make_runtime: MakeRuntime,
+) -> None:
+    """The SPM refuses for now (a failover); the chain passes its deadline and ends with its
+    step still waiting in the SpmTaskActor; once the SPM is back that step must not run (its
+    effect would be left behind: its chain has ended and reverts nothing more)."""
+    away = threading.Event()
+    away.set()
+    spm = ScriptedSpm(pool="A", auto="success",
+                      refuse=lambda verb, params: NotSpmError() if away.is_set() else None)
+    rt = make_runtime(spm)
+    late = rt.submit(chain("A", step("create", "delete"), deadline_s=0.2, task_timeout_s=0.1))
+    result = late.result(WAIT)
+    assert result.outcome == ENDED_WITH_FAILURE and "deadline" in (result.reason or "")
+    away.clear()  # the SPM is back: the request first in line goes first, if it still goes
+    assert rt.submit(chain("A", step("after"))).result(WAIT).succeeded
+    assert spm.verbs() == ["after"]
 
 
 def test_a_zombie_report_lost_with_the_chains_failing_actor_is_made_again(
