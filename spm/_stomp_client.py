@@ -170,9 +170,10 @@ class StompRpcConnection:
     A background thread connects (TCP, TLS when ``ssl_context`` is given, CONNECT, SUBSCRIBE to
     a reply destination of its own), then owns the socket: it sends and checks heart-beats
     (``heartbeat_ms`` = (can send every, want every) in ms; a server silent for twice the
-    negotiated interval counts as gone), and routes answers to calls by JSON-RPC id. When the
-    connection fails — end of stream, socket error, ERROR frame, malformed frame, missed
-    heart-beats — every call in flight fails at once with SpmConnectionError and the thread
+    negotiated interval counts as gone), and routes answers to calls by JSON-RPC id (an answer
+    that does not decode as JSON is logged and dropped). When the connection fails — end of
+    stream, socket error, ERROR frame, malformed frame, missed heart-beats, or any unexpected
+    error on the thread — every call in flight fails at once with SpmConnectionError and the thread
     reconnects after a delay that doubles from ``reconnect_delay[0]`` to ``reconnect_delay[1]``
     seconds (with jitter). :meth:`call` raises as the module says.
     """
@@ -334,9 +335,13 @@ class StompRpcConnection:
                 self._cond.notify_all()
             try:
                 stream = self._open()
-            except (OSError, StompProtocolError, ValueError) as exc:
-                reason = f"connecting failed: {exc}"
-                log.info("STOMP connection to %s failed: %s", self.address, exc)
+            except Exception as exc:
+                if isinstance(exc, OSError | StompProtocolError | ValueError):
+                    reason = f"connecting failed: {exc}"
+                    log.info("STOMP connection to %s failed: %s", self.address, exc)
+                else:
+                    reason = f"connecting failed: {_unexpected(exc)}"
+                    log.exception("STOMP connection to %s failed", self.address)
                 self._go_down(reason)
                 self._pause(delay)
                 delay = min(delay * 2, self._delay_max)
@@ -357,6 +362,11 @@ class StompRpcConnection:
             except (OSError, StompProtocolError) as exc:
                 reason = str(exc) or type(exc).__name__
                 log.warning("STOMP connection to %s lost: %s", self.address, reason)
+            except Exception as exc:
+                # A bug in handling what the server sent: going on with this connection could
+                # leave calls unanswered, so it is dropped as if the server had dropped it.
+                reason = _unexpected(exc)
+                log.exception("STOMP connection to %s dropped after an error", self.address)
             finally:
                 stream.close()
             self._go_down(reason)
@@ -477,7 +487,7 @@ class StompRpcConnection:
     def _on_message(self, frame: Frame) -> None:
         try:
             answer = json.loads(frame.body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested too deep
             log.warning("Answer from %s that is not JSON: %r", self.address, frame.body[:200])
             return
         for response in answer if isinstance(answer, list) else [answer]:
@@ -497,6 +507,10 @@ class StompRpcConnection:
                 call.succeed(response["result"])
             else:
                 call.fail(BadAnswerError(f"answer with neither result nor error: {response!r}"))
+
+
+def _unexpected(exc: Exception) -> str:
+    return f"unexpected {type(exc).__name__}" + (f": {exc}" if str(exc) else "")
 
 
 def _error_text(frame: Frame) -> str:

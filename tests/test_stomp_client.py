@@ -25,9 +25,11 @@ from spm._errors import (
     TaskStateError,
     UnknownTaskError,
 )
+from spm._stomp import Frame
 from spm._stomp_client import (
     NotConnectedError,
     RpcProtocolError,
+    StompRpcConnection,
     StompSpmClient,
     client_for_url,
     connected_pools,
@@ -456,6 +458,61 @@ def test_in_flight_calls_fail_at_once_when_the_connection_drops(
             assert time.monotonic() - dropped_at < 2
     finally:
         client.close()
+
+
+def answer_frame(reply_to: str, body: bytes) -> bytes:
+    head = f"MESSAGE\ndestination:{reply_to}\nsubscription:s\ncontent-length:{len(body)}\n\n"
+    return head.encode() + body + b"\x00"
+
+
+def test_answer_nested_too_deep_to_decode_is_dropped_and_the_connection_serves_on(
+    raw_servers: list[RawServer],
+) -> None:
+    def deep_then_good(conn: socket.socket, srv: RawServer) -> None:
+        srv.read_frame(conn)
+        conn.sendall(connected())
+        subscribe = srv.read_frame(conn).decode()
+        reply_to = subscribe.split("destination:")[1].split("\n")[0]
+        srv.read_frame(conn)
+        conn.sendall(answer_frame(reply_to, b"[" * 100_000))  # json.loads: RecursionError
+        frame = srv.read_frame(conn)
+        body = json.loads(frame[frame.index(b"\n\n") + 2 : frame.rindex(b"\x00")])
+        answer = json.dumps({"jsonrpc": "2.0", "id": body["id"], "result": {}}).encode()
+        conn.sendall(answer_frame(reply_to, answer))
+        srv.read_frame(conn)
+
+    srv = RawServer(deep_then_good)
+    raw_servers.append(srv)
+    client = StompSpmClient(srv.url, "p", timeout=0.5, **FAST)
+    try:
+        with pytest.raises(SpmTimeoutError):
+            client.getAllTasksStatuses()
+        assert client.getAllTasksStatuses() == {}
+        assert client.connection.connects == 1
+    finally:
+        client.close()
+
+
+def test_unexpected_error_in_the_io_thread_fails_calls_in_flight_and_reconnects(
+    client: StompSpmClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    handle = StompRpcConnection._on_message
+    failures = [RuntimeError("a bug in answer handling")]
+
+    def fails_once(self: StompRpcConnection, frame: Frame) -> None:
+        if failures:
+            raise failures.pop()
+        handle(self, frame)
+
+    monkeypatch.setattr(StompRpcConnection, "_on_message", fails_once)
+    assert client.wait_connected(5)
+    started = time.monotonic()
+    with pytest.raises(SpmConnectionError, match="a bug in answer handling"):
+        client.getAllTasksStatuses()
+    assert time.monotonic() - started < 2
+    assert client.wait_connected(5)
+    assert client.getAllTasksStatuses() == {}
+    assert client.connection.connects == 2
 
 
 def test_client_reconnects_after_the_server_restarts(fakes: dict[str, FakeSpm]) -> None:
