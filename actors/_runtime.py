@@ -359,10 +359,16 @@ class _Core:
                 continue
             # Tasks in flight from the last recorded state (they exist on the SPM, durable or
             # not); fires and stops only from the last durable one (write ahead).
-            a, _, _ = resync_of(entry.state)
+            state = entry.state
+            a, _, _ = resync_of(state)
             _, f, s = resync_of(entry.durable)
             adopts.extend(a)
-            fires.extend(f)
+            if f:
+                # Only what the chain still waits for: a step fired and done since the
+                # durable state (its clear may reach the new actor before this) is not asked
+                # for again.
+                waiting = {ref for ref, task_id, _ in state.in_flight() if task_id is None}
+                fires.extend(req for req in f if req.ref in waiting)
             stops.extend(s)
         self.tell_task_actor(pool, m.Resync(tuple(adopts), tuple(fires), tuple(stops)))
 
@@ -602,8 +608,9 @@ class _Core:
                          name="spmchain-escalate").start()
 
 
-def _stop_and_wait(ref: pykka.ActorRef[Any] | None, timeout: float = 10.0) -> None:
-    """Stop ``ref`` after the messages it has (a no-op if it is dead already)."""
+def _stop_and_wait(ref: pykka.ActorRef[Any] | None, timeout: float = 60.0) -> None:
+    """Stop ``ref`` after the messages it has (a no-op if it is dead already). The wait is
+    longer than an SPM call's own timeout: the actor may be in one."""
     if ref is None:
         return
     try:
@@ -835,6 +842,16 @@ class Runtime:
         out: list[ch.ChainState] = []
         for pool in self.pools:
             out.extend(self._resolve_pool(core, pool, by_pool.get(pool, [])))
+        # What the SPMs settled (a task adopted, a task lost) is recorded before any actor
+        # acts on it: a rebuilt chain performs what its state asks (the next revert fired,
+        # its end reported), and that state must be the durable one (write ahead).
+        decoded = {id(state) for state in states}
+        settled = [state for state in out if id(state) not in decoded]
+        for state in settled:
+            store.save(state.chain_id, encode_snapshot(state.to_dict(with_spec=False)),
+                       ended=state.ended)
+        if settled:
+            store.flush(timeout=30.0)
         return out
 
     def _resolve_pool(
@@ -866,6 +883,16 @@ class Runtime:
                         acked.append(old)
                         core.task_owners[old] = state.chain_id
         unowned = {tid: inf for tid, inf in info.items() if tid not in known}
+        ps = core.pool_state(pool)
+        # Tasks whose outcome an ended chain recorded only need clearing; they are set apart
+        # first, so that no live chain adopts one as its own (same verb, same parameters).
+        ended_acked = self._ended_chains_tasks(core, set(unowned)) if unowned else {}
+        for tid, chain_id in sorted(ended_acked.items()):
+            del unowned[tid]
+            acked.append(tid)
+            # Known as its ended chain's: a clear that fails is tried again when the poller
+            # finds it unowned, and it is never taken for an orphan (reverted).
+            core.task_owners[tid] = chain_id
         out: list[ch.ChainState] = []
         now = time.time()
         for state in states:
@@ -896,20 +923,12 @@ class Runtime:
                                                    "task_id": task_id})
                     state, _ = ch.transition(state, ch.TaskLost(task_id, now), command)
             out.append(state)
-        ps = core.pool_state(pool)
         if unowned:
-            ended_acked = self._ended_chains_tasks(core, set(unowned))
-            for tid, chain_id in sorted(ended_acked.items()):
-                acked.append(tid)
-                # Known as its ended chain's: a clear that fails is tried again when the
-                # poller finds it unowned, and it is never taken for an orphan (reverted).
-                core.task_owners[tid] = chain_id
-            orphans = [tid for tid in unowned if tid not in ended_acked]
-            if orphans:
-                logger.warning("pool %s: %d tasks on the SPM belong to no chain; discarding "
-                               "them", pool, len(orphans), extra={"pool": pool})
-                ps.recovery_orphans = orphans
-                ps.hold = True  # nothing is fired on the pool until they are gone
+            orphans = list(unowned)
+            logger.warning("pool %s: %d tasks on the SPM belong to no chain; discarding "
+                           "them", pool, len(orphans), extra={"pool": pool})
+            ps.recovery_orphans = orphans
+            ps.hold = True  # nothing is fired on the pool until they are gone
         if acked:
             logger.info("pool %s: %d tasks whose outcome was recorded are still on the SPM; "
                         "clearing them", pool, len(acked), extra={"pool": pool})
