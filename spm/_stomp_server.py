@@ -228,7 +228,7 @@ class SpmRpcDispatcher:
         """The encoded answer to ``body``, or None when it held only notifications."""
         try:
             message = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested too deep
             return self._encode(
                 self._error(
                     None,
@@ -698,7 +698,11 @@ class SpmStompServer:
             executor.submit(self._serve_request, body, destination, reply_to)
 
     def _serve_request(self, body: bytes, destination: str, reply_to: str) -> None:
-        answer = self.dispatcher.handle(body, destination)
+        try:
+            answer = self.dispatcher.handle(body, destination)
+        except Exception:  # the dispatcher's bug; the executor would drop it without a word
+            log.exception("Request to %s left unanswered", destination)
+            return
         if answer is None:
             return
         subs = self._subscribers(reply_to)

@@ -295,6 +295,19 @@ def test_dispatcher_answers_batches_and_parse_errors() -> None:
     assert empty["error"]["code"] == -32600
 
 
+def test_request_nested_too_deep_to_decode_gets_parse_error(raw: RawStomp) -> None:
+    assert SpmRpcDispatcher({"p": FakeSpm("p")}).handle(b"[" * 100_000) is not None
+    raw.connect()
+    reply_to = subscribe(raw)
+    headers = {"destination": "jms.topic.vdsm_requests", "reply-to": reply_to}
+    raw.send("SEND", headers, b"[" * 100_000)
+    frame = raw.read()
+    assert frame is not None and frame[0] == "MESSAGE"
+    answer = json.loads(frame[2])
+    assert answer["error"]["code"] == -32700 and answer["id"] is None
+    assert raw.rpc("Host.ping2", {}, reply_to)["result"] is True
+
+
 def test_stop_closes_client_connections(fakes: dict[str, FakeSpm]) -> None:
     srv = SpmStompServer(fakes).start()
     raw = RawStomp(srv.port)
