@@ -385,18 +385,41 @@ class _Connection:
                 self._sock.shutdown(socket.SHUT_RDWR)
 
     def run(self) -> None:
-        sock = self._sock
+        """Serve the connection until it ends, whichever way: after a failed TLS handshake
+        too, the server forgets it before its socket closes (a client that saw the close is
+        no longer counted)."""
+        stream: FrameStream | None = None
+        try:
+            stream = self._open()
+            if stream is not None:
+                self._serve(stream)
+        finally:
+            self.server._forget(self)
+            if stream is not None:
+                stream.close()
+            else:
+                with contextlib.suppress(OSError):
+                    self._sock.close()
+
+    def _open(self) -> FrameStream | None:
+        """The connection's frame stream, after the TLS handshake when serving TLS; None when
+        the handshake fails."""
         try:
             if self.server.ssl_context is not None:
-                sock.settimeout(self.server.handshake_timeout)
-                sock = self.server.ssl_context.wrap_socket(sock, server_side=True)
-            self.stream = FrameStream(sock, CLIENT_COMMANDS)
+                self._sock.settimeout(self.server.handshake_timeout)
+                # Handshake after wrapping: a failed one leaves the socket to run() to close.
+                tls = self.server.ssl_context.wrap_socket(
+                    self._sock, server_side=True, do_handshake_on_connect=False
+                )
+                self._sock = tls
+                tls.do_handshake()
+            self.stream = FrameStream(self._sock, CLIENT_COMMANDS)
         except (OSError, ValueError) as exc:
             log.info("TLS handshake with %s failed: %s", self.peer, exc)
-            with contextlib.suppress(OSError):
-                sock.close()
-            return
-        stream = self.stream
+            return None
+        return self.stream
+
+    def _serve(self, stream: FrameStream) -> None:
         started = time.monotonic()
         try:
             while not self._stop.is_set():
@@ -418,9 +441,6 @@ class _Connection:
             self._send_and_flush(_error_frame("Malformed frame", detail=str(exc)))
         except (ConnectionClosedError, OSError) as exc:
             log.debug("Connection from %s ended: %s", self.peer, exc)
-        finally:
-            self.server._forget(self)
-            stream.close()
 
     def _send_and_flush(self, frame: Frame) -> None:
         assert self.stream is not None

@@ -7,14 +7,18 @@ the server is held to the protocol, not to our own codec.
 from __future__ import annotations
 
 import json
+import socket
+import ssl
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+import trustme
 from _spm_server import FakeSpm, RawStomp
 
-from spm._stomp_server import SpmRpcDispatcher, SpmStompServer
+from spm._stomp_server import SpmRpcDispatcher, SpmStompServer, server_ssl_context
 
 
 @pytest.fixture
@@ -306,6 +310,50 @@ def test_request_nested_too_deep_to_decode_gets_parse_error(raw: RawStomp) -> No
     answer = json.loads(frame[2])
     assert answer["error"]["code"] == -32700 and answer["id"] is None
     assert raw.rpc("Host.ping2", {}, reply_to)["result"] is True
+
+
+def test_failed_tls_handshakes_leave_no_connection_behind(
+    fakes: dict[str, FakeSpm], tmp_path: Path
+) -> None:
+    pem = str(tmp_path / "server.pem")
+    trustme.CA().issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(pem)
+    with SpmStompServer(fakes, ssl_context=server_ssl_context(pem, pem)) as srv:
+        for _ in range(3):
+            plain = RawStomp(srv.port)  # STOMP without TLS: the handshake fails
+            try:
+                plain.send("CONNECT", {"accept-version": "1.2", "host": "127.0.0.1"})
+                assert plain.read() is None  # closed by the server
+            except ConnectionResetError:
+                pass
+            finally:
+                plain.close()
+            assert srv.connection_count() == 0
+
+
+def test_stop_ends_a_connection_stuck_in_its_tls_handshake(
+    fakes: dict[str, FakeSpm], tmp_path: Path
+) -> None:
+    pem = str(tmp_path / "server.pem")
+    trustme.CA().issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(pem)
+    srv = SpmStompServer(fakes, ssl_context=server_ssl_context(pem, pem)).start()
+    sock = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
+    try:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        outgoing = ssl.MemoryBIO()
+        tls = context.wrap_bio(ssl.MemoryBIO(), outgoing)
+        with pytest.raises(ssl.SSLWantReadError):
+            tls.do_handshake()
+        sock.sendall(outgoing.read())  # the ClientHello, and never the rest
+        assert sock.recv(65536)  # the server answered: it waits in the handshake
+        started = time.monotonic()
+        srv.stop()
+        assert time.monotonic() - started < 2
+        assert srv.connection_count() == 0
+    finally:
+        sock.close()
+        srv.stop()
 
 
 def test_stop_closes_client_connections(fakes: dict[str, FakeSpm]) -> None:
