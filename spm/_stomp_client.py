@@ -33,6 +33,7 @@ import contextlib
 import itertools
 import json
 import logging
+import math
 import random
 import socket
 import ssl
@@ -139,6 +140,13 @@ def client_ssl_context(
     return ctx
 
 
+def _seconds(name: str, value: float) -> float:
+    """``value`` when it is a positive, finite number; ValueError naming ``name`` otherwise."""
+    if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive, finite number of seconds, got {value!r}")
+    return float(value)
+
+
 # --------------------------------------------------------------------------------------------
 # The connection
 # --------------------------------------------------------------------------------------------
@@ -175,7 +183,8 @@ class StompRpcConnection:
     stream, socket error, ERROR frame, malformed frame, missed heart-beats, or any unexpected
     error on the thread — every call in flight fails at once with SpmConnectionError and the thread
     reconnects after a delay that doubles from ``reconnect_delay[0]`` to ``reconnect_delay[1]``
-    seconds (with jitter). :meth:`call` raises as the module says.
+    seconds (with jitter). :meth:`call` raises as the module says. A ``timeout`` or
+    ``connect_timeout`` that is not a positive, finite number of seconds raises ValueError.
     """
 
     def __init__(
@@ -190,12 +199,10 @@ class StompRpcConnection:
         reconnect_delay: tuple[float, float] = (0.05, 5.0),
         request_destination: str = REQUEST_QUEUE,
     ) -> None:
-        if timeout <= 0 or connect_timeout <= 0:
-            raise ValueError("timeouts must be positive")
         self.host = host
         self.port = port
-        self.timeout = timeout
-        self.connect_timeout = connect_timeout
+        self.timeout = _seconds("timeout", timeout)
+        self.connect_timeout = _seconds("connect_timeout", connect_timeout)
         self._ssl = ssl_context
         self._heartbeat = (max(heartbeat_ms[0], 0), max(heartbeat_ms[1], 0))
         self._delay_min, self._delay_max = reconnect_delay
@@ -593,7 +600,8 @@ class StompSpmClient(SpmClient):
     ``storagedomainID`` ..., see :data:`spm._stomp.VERB_BINDINGS`); a verb containing a dot is
     sent as that JSON-RPC method unchanged.
 
-    ``timeout`` bounds every call. For TLS give ``ca`` (server verification), ``cert`` and
+    ``timeout`` bounds every call (ValueError unless it is a positive, finite number of
+    seconds). For TLS give ``ca`` (server verification), ``cert`` and
     ``key`` (the client certificate VDSM requires), or a ready ``ssl_context``; options can also
     come from the URL's query (``?ca=..&cert=..&key=..&timeout=..``). Pass ``connection`` to
     share one :class:`StompRpcConnection` between the clients of several pools (it is then not
@@ -621,7 +629,7 @@ class StompSpmClient(SpmClient):
         self.url = url
         if timeout is None:
             timeout = float(options.get("timeout", 30.0))
-        self.timeout = timeout
+        self.timeout = _seconds("timeout", timeout)
         if connection is not None:
             self._connection = connection
             self._owns_connection = False

@@ -258,6 +258,24 @@ def test_url_parsing_and_factory() -> None:
         client_for_url("sim://", "p")
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 0, -1.0])
+def test_timeouts_that_are_not_positive_and_finite_are_refused_by_name(
+    server: SpmStompServer, value: float
+) -> None:
+    with pytest.raises(ValueError, match=r"^timeout must be"):
+        StompSpmClient(server.url, "pool-a", timeout=value, **FAST)
+    with pytest.raises(ValueError, match=r"^connect_timeout must be"):
+        StompSpmClient(server.url, "pool-a", **{**FAST, "connect_timeout": value})
+    with pytest.raises(ValueError, match="timeout"):
+        StompSpmClient(f"{server.url}?timeout={value}", "pool-a", **FAST)
+    shared = StompRpcConnection("127.0.0.1", server.port, heartbeat_ms=(0, 0))
+    try:
+        with pytest.raises(ValueError, match=r"^timeout must be"):
+            StompSpmClient(server.url, "pool-a", timeout=value, connection=shared)
+    finally:
+        shared.close()
+
+
 # --------------------------------------------------------------------------------------------
 # Failures: every call ends, with the right error, promptly
 # --------------------------------------------------------------------------------------------
