@@ -110,16 +110,38 @@ class StompServerError(ConnectionError):
 
 
 def parse_stomp_url(url: str) -> tuple[str, int, bool, dict[str, str]]:
-    """``stomp://host:port`` or ``stomp+tls://host:port[?cert=..&key=..&ca=..]`` as
-    (host, port, tls, options). The port defaults to VDSM's 54321. Raises ValueError for any
-    other scheme or a URL without a host."""
-    parts = urlsplit(url)
+    """``stomp://host:port`` or ``stomp+tls://host:port[?cert=..&key=..&ca=..&timeout=..]`` as
+    (host, port, tls, options). The port defaults to VDSM's 54321. Raises ValueError naming the
+    URL and what is wrong with it: another scheme, no host, a bad IPv6 literal, a port that is
+    not a number, out of range or 0, a timeout that is not a positive number of seconds."""
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # an unclosed or bad [IPv6] literal
+        raise ValueError(f"stomp URL {url!r}: bad host: {exc}") from None
     if parts.scheme not in ("stomp", "stomp+tls", "stomp+ssl"):
         raise ValueError(f"not a stomp:// or stomp+tls:// URL: {url!r}")
     if not parts.hostname:
         raise ValueError(f"no host in {url!r}")
+    try:
+        port = parts.port
+    except ValueError:
+        text = parts.netloc.rpartition("]")[2].rpartition(":")[2]
+        what = "out of range 1-65535" if text.isascii() and text.isdigit() else "not a number"
+        raise ValueError(f"stomp URL {url!r}: port {text!r} is {what}") from None
+    if port is None:
+        port = DEFAULT_PORT
+    elif port == 0:
+        raise ValueError(f"stomp URL {url!r}: port 0 cannot be connected to")
     options = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-    return parts.hostname, parts.port or DEFAULT_PORT, parts.scheme != "stomp", options
+    if "timeout" in options:
+        try:
+            _seconds("timeout", float(options["timeout"]))
+        except ValueError:
+            raise ValueError(
+                f"stomp URL {url!r}: timeout {options['timeout']!r} is not a positive, finite "
+                "number of seconds"
+            ) from None
+    return parts.hostname, port, parts.scheme != "stomp", options
 
 
 def client_ssl_context(
@@ -130,13 +152,20 @@ def client_ssl_context(
     check_hostname: bool = True,
 ) -> ssl.SSLContext:
     """A TLS context that verifies the server against ``ca`` (the system CAs when None) and
-    presents ``cert``/``key`` as the client certificate when given. Raises OSError or
-    ``ssl.SSLError`` for unreadable or mismatched files."""
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
+    presents ``cert``/``key`` as the client certificate when given. Raises ValueError naming
+    the file that cannot be read or loaded."""
+    try:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
+    except OSError as exc:  # ssl.SSLError too
+        raise ValueError(f"ca {ca!r} cannot be loaded: {exc.strerror or exc}") from None
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.check_hostname = check_hostname
     if cert is not None:
-        ctx.load_cert_chain(cert, key)
+        try:
+            ctx.load_cert_chain(cert, key)
+        except OSError as exc:
+            files = f"cert {cert!r}" + (f" with key {key!r}" if key is not None else "")
+            raise ValueError(f"{files} cannot be loaded: {exc.strerror or exc}") from None
     return ctx
 
 
@@ -605,7 +634,8 @@ class StompSpmClient(SpmClient):
     ``key`` (the client certificate VDSM requires), or a ready ``ssl_context``; options can also
     come from the URL's query (``?ca=..&cert=..&key=..&timeout=..``). Pass ``connection`` to
     share one :class:`StompRpcConnection` between the clients of several pools (it is then not
-    closed by :meth:`close`). Thread-safe.
+    closed by :meth:`close`). Thread-safe. A URL that cannot be used, or TLS files that cannot
+    be loaded, raise ValueError naming the URL and the problem.
     """
 
     def __init__(
@@ -635,12 +665,15 @@ class StompSpmClient(SpmClient):
             self._owns_connection = False
             return
         if tls and ssl_context is None:
-            ssl_context = client_ssl_context(
-                ca or options.get("ca"),
-                cert or options.get("cert"),
-                key or options.get("key"),
-                check_hostname=check_hostname and options.get("check_hostname", "1") != "0",
-            )
+            try:
+                ssl_context = client_ssl_context(
+                    ca or options.get("ca"),
+                    cert or options.get("cert"),
+                    key or options.get("key"),
+                    check_hostname=check_hostname and options.get("check_hostname", "1") != "0",
+                )
+            except ValueError as exc:
+                raise ValueError(f"stomp URL {url!r}: {exc}") from None
         self._connection = StompRpcConnection(
             host,
             port,
@@ -736,8 +769,9 @@ class StompSpmClient(SpmClient):
 
 def client_for_url(url: str, pool: str, **options: Any) -> SpmClient:
     """The SpmClient for ``pool`` behind ``url``: a :class:`StompSpmClient` for ``stomp://``
-    and ``stomp+tls://`` URLs (``options`` go to its constructor). Raises ValueError for any
-    other URL."""
+    and ``stomp+tls://`` URLs (``options`` go to its constructor). Raises ValueError naming the
+    URL for any other URL, one :func:`parse_stomp_url` refuses, or TLS files that cannot be
+    loaded."""
     return StompSpmClient(url, pool, **options)
 
 

@@ -276,6 +276,32 @@ def test_timeouts_that_are_not_positive_and_finite_are_refused_by_name(
         shared.close()
 
 
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("stomp://h:99999", "port '99999' is out of range 1-65535"),
+        ("stomp://[::1]:70000", "port '70000' is out of range 1-65535"),
+        ("stomp://h:abc", "port 'abc' is not a number"),
+        ("stomp://h:-1", "port '-1' is not a number"),
+        ("stomp://h:0", "port 0 cannot be connected to"),
+        ("stomp://[::1", "bad host: Invalid IPv6 URL"),
+        ("stomp://h:1?timeout=x", "timeout 'x' is not a positive, finite number of seconds"),
+        ("stomp://h:1?timeout=nan", "timeout 'nan' is not a positive"),
+        ("stomp+tls://h:1?ca=/nonexistent", "ca '/nonexistent' cannot be loaded: No such file"),
+        ("stomp+tls://h:1?cert=/nonexistent", "cert '/nonexistent' cannot be loaded: No such"),
+    ],
+)
+def test_a_url_that_cannot_be_used_is_refused_naming_it_and_the_problem(
+    url: str, problem: str
+) -> None:
+    with pytest.raises(ValueError) as refused:
+        client_for_url(url, "p")
+    assert str(refused.value).startswith(f"stomp URL {url!r}: {problem}")
+    if "tls" not in url:
+        with pytest.raises(ValueError, match=r"^stomp URL"):
+            parse_stomp_url(url)
+
+
 # --------------------------------------------------------------------------------------------
 # Failures: every call ends, with the right error, promptly
 # --------------------------------------------------------------------------------------------
