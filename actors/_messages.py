@@ -113,6 +113,12 @@ class Retry:
 
 
 @dataclass(frozen=True, slots=True)
+class Settle:
+    """Timer → SpmTaskActor: find out from the SPM's task list whether the fires whose answer
+    was lost (a timeout, a connection dropped in flight) made a task."""
+
+
+@dataclass(frozen=True, slots=True)
 class Resync:
     """Runtime → a restarted SpmTaskActor: what every live chain of its pool has in flight
     (``adopts``), still wants fired (``fires``) and decided to stop (``stops``), read from the

@@ -24,7 +24,7 @@ from actors._poller import PollerActor
 from actors._pool import WorkerPool
 from actors._snapshot import SnapshotError, decode_snapshot, encode_snapshot
 from actors._spec import ChainSpec, ChainSpecError, Command, validate_spec
-from actors._spm_task import SpmTaskActor
+from actors._spm_task import SpmTaskActor, same_params
 from actors._store import GroupCommitStore, SnapshotStore, StoreError
 from actors._store_memory import MemoryStore
 from actors._store_sqlite import SqliteStore
@@ -252,7 +252,7 @@ class _PoolState:
     """What one pool's SpmTaskActor knows that must outlive it (see SpmTaskActor)."""
 
     __slots__ = ("by_ref", "discarding", "hold", "owners", "queued", "recovery_acked",
-                 "recovery_orphans")
+                 "recovery_orphans", "unsettled")
 
     def __init__(self) -> None:
         self.owners: dict[str, tuple[str, tuple[str, int, int]]] = {}
@@ -265,6 +265,10 @@ class _PoolState:
         # anything is fired (``hold``); tasks whose outcome a chain recorded, to clear.
         self.recovery_orphans: list[str] = []
         self.recovery_acked: list[str] = []
+        # Fires whose answer was lost (the SPM may or may not have made the task), waiting to
+        # be settled from its task list: (chain id, ref) -> (request, code, message).
+        self.unsettled: dict[tuple[str, tuple[str, int, int]],
+                             tuple[m.FireRequest, int, str]] = {}
 
 
 class _Core:
@@ -908,7 +912,7 @@ class Runtime:
                     matches = [
                         tid for tid, inf in unowned.items()
                         if inf.get("verb") == verb and "params" in inf
-                        and _same_params(inf["params"], params)  # type: ignore[typeddict-item]
+                        and same_params(inf["params"], params)  # type: ignore[typeddict-item]
                     ]
                     if len(matches) == 1:
                         tid = matches[0]
@@ -1214,12 +1218,6 @@ class _InterpreterSettings:
 
 
 _interpreter = _InterpreterSettings()
-
-
-def _same_params(a: object, b: Mapping[str, Any]) -> bool:
-    if not isinstance(a, Mapping):
-        return False
-    return dict(a) == dict(b)
 
 
 def _retry_spm(call: Callable[[], Any], timeout_s: float, what: str) -> Any:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -28,8 +28,10 @@ from spm._errors import (
     NotSpmError,
     SpmConnectionError,
     SpmError,
+    SpmTimeoutError,
     UnknownTaskError,
 )
+from spm._stomp_client import NotConnectedError
 
 if TYPE_CHECKING:
 
@@ -37,8 +39,16 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Refusals that say "not now" rather than "never": the request stays queued and is retried.
+# Refusals that say "not now" rather than "never", with nothing done: a fire stays queued and
+# is tried again. (Only NotConnectedError, of the connection errors, says nothing was sent.)
+_NOT_NOW = (NotSpmError, NotReadyError, NotConnectedError)
+# A fire without an answer (timed out, or the connection dropped with it in flight): the SPM
+# may have made the task. It is settled from the SPM's task list, never fired blindly again.
+_UNKNOWN = (SpmTimeoutError, SpmConnectionError)
+# An orphan's revert or clear refused for now: tried again (doing either twice is harmless).
 _TRANSIENT = (NotSpmError, NotReadyError, SpmConnectionError)
+# by_ref's mark of a request fired without an answer (see _UNKNOWN), until it is settled.
+_UNSETTLED = ""
 _SCAN_LIMIT = 1024
 
 
@@ -95,6 +105,9 @@ class SpmTaskActor(Supervised, ThreadActor):
         self.backoff = core.options.retry_min_s
         # Discards whose revert or clear the SPM refused for now: task id -> attempts so far.
         self.orphan_retries: dict[str, int] = {}
+        self.unsettled = ps.unsettled
+        self.settle_pending = False
+        self.settle_backoff = core.options.retry_min_s
 
     @property
     def hold(self) -> bool:
@@ -120,6 +133,12 @@ class SpmTaskActor(Supervised, ThreadActor):
         # (reverted) first. A clear that fails is tried again when the poller finds the task
         # unowned (its chain is known, see _discard).
         ps = self.ps
+        if ps.unsettled:
+            # Fires a predecessor sent without an answer: their resources stay taken (the
+            # tasks may exist) until they are settled.
+            for req, _, _ in ps.unsettled.values():
+                self._take(req.exclusive, req.shared)
+            self._schedule_settle()
         for task_id in ps.recovery_acked:
             self._clear(task_id)
         ps.recovery_acked = []
@@ -150,7 +169,7 @@ class SpmTaskActor(Supervised, ThreadActor):
             key = (message.chain_id, message.ref)
             if key in self.by_ref:
                 task_id = self.by_ref[key]
-                if task_id is not None:
+                if task_id:  # fired (None: queued here; _UNSETTLED: answer lost)
                     self._tell_chain(
                         message.chain_id, ch.TaskFired(message.ref, task_id, time.time())
                     )
@@ -180,6 +199,8 @@ class SpmTaskActor(Supervised, ThreadActor):
         elif isinstance(message, m.Retry):
             self.retry_pending = False
             self._dispatch()
+        elif isinstance(message, m.Settle):
+            self._settle()
         else:
             return False
         return True
@@ -237,7 +258,8 @@ class SpmTaskActor(Supervised, ThreadActor):
         spm = self.spm
         chains = core.chains
         try:
-            while self.queue and len(self.outstanding) < self.max_outstanding:
+            unsettled = self.unsettled
+            while self.queue and len(self.outstanding) + len(unsettled) < self.max_outstanding:
                 req = self._next_request()
                 if req is None:
                     break
@@ -251,11 +273,15 @@ class SpmTaskActor(Supervised, ThreadActor):
                 try:
                     task_id = spm.fire(req.verb, req.params)
                 except SpmError as err:
-                    self._release(req.exclusive, req.shared)
-                    if isinstance(err, _TRANSIENT) or is_queue_full(err):
+                    if isinstance(err, _NOT_NOW) or is_queue_full(err):
+                        self._release(req.exclusive, req.shared)
                         self.queue.appendleft(req)
                         self._schedule_retry(err)
                         break
+                    if isinstance(err, _UNKNOWN):
+                        self._unsettle(req, err)  # its resources stay taken
+                        continue
+                    self._release(req.exclusive, req.shared)
                     self.by_ref.pop((req.chain_id, req.ref), None)
                     self._tell_chain(
                         req.chain_id,
@@ -275,43 +301,125 @@ class SpmTaskActor(Supervised, ThreadActor):
                     )
                     continue
                 _crash.reached("after_send")
-                now = time.monotonic()
                 self.backoff = core.options.retry_min_s
-                self.outstanding[task_id] = _Outstanding(
-                    req.chain_id, req.ref, req.verb, req.exclusive, req.shared, now,
-                    req.task_timeout_s,
-                )
-                if req.chain_id not in chains:
-                    # It ended while the verb was on its way: the task is nobody's to keep.
-                    core.task_owners[task_id] = None
-                    self.by_ref.pop((req.chain_id, req.ref), None)
-                    self._discard(task_id, f"its chain {req.chain_id} ended as it was fired")
-                    continue
-                self.owners[task_id] = (req.chain_id, req.ref)
-                core.task_owners[task_id] = req.chain_id
-                self.by_ref[(req.chain_id, req.ref)] = task_id
-                watch.append(m.Watched(task_id, req.chain_id, req.verb, now, req.task_timeout_s))
-                if req.ref[0] == "revert":
-                    core.metrics.revert_fired(req.verb)
-                else:
-                    core.metrics.step_fired(req.verb)
-                if req.seen_at is not None:
-                    delay = max(0.0, time.time() - req.seen_at)
-                    if req.ref[1] > 0 or req.ref[0] == "revert":
-                        core.metrics.reaction(delay)  # a chain's first step reacts to nothing
-                    core.reaction(self.pool, delay, not self.queue)
-                logger.debug(
-                    "pool %s: chain %s fired %s as task %s",
-                    self.pool,
-                    req.chain_id,
-                    req.verb,
-                    task_id,
-                    extra={"chain_id": req.chain_id, "pool": self.pool, "task_id": task_id},
-                )
-                self._tell_chain(req.chain_id, ch.TaskFired(req.ref, task_id, time.time()))
+                self._fired(req, task_id, time.monotonic(), watch)
         finally:
             if watch:
                 core.tell_poller(self.pool, m.Watch(tuple(watch)))
+
+    def _fired(self, req: m.FireRequest, task_id: str, now: float,
+               watch: list[m.Watched]) -> None:
+        """``req`` made ``task_id``: it is its chain's (to be watched), or, if the chain ended
+        meanwhile, an orphan."""
+        core = self.core
+        self.outstanding[task_id] = _Outstanding(
+            req.chain_id, req.ref, req.verb, req.exclusive, req.shared, now, req.task_timeout_s,
+        )
+        if req.chain_id not in core.chains:
+            # It ended while the verb was on its way: the task is nobody's to keep.
+            core.task_owners[task_id] = None
+            self.by_ref.pop((req.chain_id, req.ref), None)
+            self._discard(task_id, f"its chain {req.chain_id} ended as it was fired")
+            return
+        self.owners[task_id] = (req.chain_id, req.ref)
+        core.task_owners[task_id] = req.chain_id
+        self.by_ref[(req.chain_id, req.ref)] = task_id
+        watch.append(m.Watched(task_id, req.chain_id, req.verb, now, req.task_timeout_s))
+        if req.ref[0] == "revert":
+            core.metrics.revert_fired(req.verb)
+        else:
+            core.metrics.step_fired(req.verb)
+        if req.seen_at is not None:
+            delay = max(0.0, time.time() - req.seen_at)
+            if req.ref[1] > 0 or req.ref[0] == "revert":
+                core.metrics.reaction(delay)  # a chain's first step reacts to nothing
+            core.reaction(self.pool, delay, not self.queue)
+        logger.debug(
+            "pool %s: chain %s fired %s as task %s",
+            self.pool,
+            req.chain_id,
+            req.verb,
+            task_id,
+            extra={"chain_id": req.chain_id, "pool": self.pool, "task_id": task_id},
+        )
+        self._tell_chain(req.chain_id, ch.TaskFired(req.ref, task_id, time.time()))
+
+    # -- fires without an answer ------------------------------------------------------------
+
+    def _unsettle(self, req: m.FireRequest, err: SpmError) -> None:
+        key = (req.chain_id, req.ref)
+        self.unsettled[key] = (req, err.code, err.message)
+        self.by_ref[key] = _UNSETTLED
+        logger.warning(
+            "pool %s: firing %s for chain %s got no answer (%s); whether the SPM made the "
+            "task is settled from its task list", self.pool, req.verb, req.chain_id, err,
+            extra={"chain_id": req.chain_id, "pool": self.pool},
+        )
+        self._schedule_settle()
+
+    def _schedule_settle(self) -> None:
+        if self.settle_pending:
+            return
+        self.settle_pending = True
+        ref = self.actor_ref
+        self.core.scheduler.call_later(self.settle_backoff,
+                                       lambda: _tell_quietly(ref, m.Settle()))
+        self.settle_backoff = min(self.settle_backoff * 2, self.core.options.retry_max_s)
+
+    def _settle(self) -> None:
+        """Each fire without an answer: the one task on the SPM that no one owns with its verb
+        and parameters is its task (adopted: the chain goes on); when there is none, several,
+        or the SPM does not tell parameters (VDSM), its step is refused: the chain fails it
+        and reverts the others, and a task the fire may have made is an orphan (stopped,
+        reverted, cleared) — never a second task for the same step."""
+        self.settle_pending = False
+        unsettled = self.unsettled
+        if not unsettled:
+            return
+        core = self.core
+        try:
+            info = self.spm.getAllTasksInfo()
+        except SpmError as err:
+            logger.warning("pool %s: listing the SPM's tasks to settle %d fires failed (%s); "
+                           "trying again", self.pool, len(unsettled), err,
+                           extra={"pool": self.pool})
+            self._schedule_settle()
+            return
+        self.settle_backoff = core.options.retry_min_s
+        owned = core.task_owners
+        unowned = {tid: inf for tid, inf in info.items()
+                   if tid not in owned and tid not in self.owners and tid not in self.discarding}
+        watch: list[m.Watched] = []
+        for key, (req, code, message) in list(unsettled.items()):
+            del unsettled[key]
+            if req.chain_id not in core.chains:
+                # Its chain ended meanwhile: a task the fire made is an orphan (the sweep).
+                self._release(req.exclusive, req.shared)
+                self.by_ref.pop(key, None)
+                continue
+            matches = [
+                tid for tid, inf in unowned.items()
+                if inf.get("verb") == req.verb and "params" in inf
+                and same_params(inf["params"], req.params)  # type: ignore[typeddict-item]
+            ]
+            if len(matches) == 1:
+                task_id = matches[0]
+                del unowned[task_id]
+                logger.info("pool %s: the fire of %s for chain %s made task %s", self.pool,
+                            req.verb, req.chain_id, task_id,
+                            extra={"chain_id": req.chain_id, "pool": self.pool,
+                                   "task_id": task_id})
+                self._fired(req, task_id, time.monotonic(), watch)
+                continue
+            self._release(req.exclusive, req.shared)
+            self.by_ref.pop(key, None)
+            self._tell_chain(req.chain_id, ch.FireRefused(
+                req.ref, code,
+                f"{message}; whether the SPM made the task is unknown, so the step is not "
+                "fired again (a task it made is discarded as an orphan)", time.time()))
+        if watch:
+            core.tell_poller(self.pool, m.Watch(tuple(watch)))
+        self._dispatch()
 
     def _schedule_retry(self, err: SpmError) -> None:
         if self.retry_pending:
@@ -523,6 +631,13 @@ class SpmTaskActor(Supervised, ThreadActor):
         if self.hold and not self.discarding:
             self._release_hold()
             self._dispatch()
+
+
+def same_params(a: object, b: Mapping[str, Any]) -> bool:
+    """Whether parameters an SPM reports (``a``, of any shape) are those a verb was fired with."""
+    if not isinstance(a, Mapping):
+        return False
+    return dict(a) == dict(b)
 
 
 def _rewatch_later(core: _Core, pool: str, task_id: str) -> Callable[[], None]:

@@ -21,7 +21,8 @@ from actors._faults import FaultInjector, InjectedFault
 from actors._runtime import ChainHandle, Runtime, RuntimeOptions, RuntimeStoppedError
 from actors._spm_task import SpmTaskActor
 from actors._supervisor import DEFAULT_SUPERVISION, ChildSpec
-from spm._errors import NotSpmError, SpmConnectionError
+from spm._errors import NotSpmError, SpmConnectionError, SpmError, SpmTimeoutError
+from spm._stomp_client import NotConnectedError
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -632,6 +633,77 @@ def test_a_request_whose_chain_ended_while_it_waited_for_the_spm_is_never_fired(
     away.clear()  # the SPM is back: the request first in line goes first, if it still goes
     assert rt.submit(chain("A", step("after"))).result(WAIT).succeeded
     assert spm.verbs() == ["after"]
+
+
+@dataclass
+class _LosingAnswers(ScriptedSpm):
+    """Loses the answer to the first fire of ``verb``: ``made`` says whether the SPM made the
+    task first; ``error`` is what the caller gets (a connection dropped in flight by default).
+    ``tells_params``: getAllTasksInfo reports each task's parameters (as the simulator does;
+    VDSM does not)."""
+
+    verb: str = ""
+    made: bool = True
+    error: type[SpmError] = SpmConnectionError
+    tells_params: bool = False
+    lost: int = 0
+
+    def fire(self, verb: str, params: Mapping[str, Any]) -> str:
+        if verb == self.verb and not self.lost:
+            self.lost += 1
+            if self.made:
+                super().fire(verb, params)
+            raise self.error("the answer was lost")
+        return super().fire(verb, params)
+
+    def getAllTasksInfo(self) -> Any:  # noqa: N802
+        if not self.tells_params:
+            return super().getAllTasksInfo()
+        with self.lock:
+            return {tid: {"id": tid, "verb": t.verb, "params": dict(t.params)}
+                    for tid, t in self.tasks.items()}
+
+
+def test_a_fire_whose_answer_was_lost_adopts_the_task_the_spm_made(
+    make_runtime: MakeRuntime,
+) -> None:
+    spm = _LosingAnswers(pool="A", auto="success", verb="copy", tells_params=True)
+    rt = make_runtime(spm)
+    handle = rt.submit(chain("A", step("create", "delete"), step("copy", params={"n": 1})))
+    assert handle.result(WAIT).succeeded
+    assert spm.lost == 1
+    assert spm.verbs() == ["create", "copy"]  # copy made once, adopted, never fired again
+    spm.expect(lambda: not spm.tasks, "every task cleared")
+
+
+@pytest.mark.parametrize("error", [SpmConnectionError, SpmTimeoutError])
+def test_a_fire_whose_answer_was_lost_is_not_fired_again_when_its_task_cannot_be_told(
+    make_runtime: MakeRuntime, error: type[SpmError],
+) -> None:
+    """The SPM does not tell parameters (VDSM): the task it may have made cannot be told from
+    another, so the step is refused (the chain fails and reverts), and the task is discarded
+    as an orphan: the verb never runs twice, nothing is left."""
+    spm = _LosingAnswers(pool="A", auto="success", verb="copy", error=error)
+    rt = make_runtime(spm, orphan_grace_s=0.1)
+    handle = rt.submit(chain("A", step("create", "delete"), step("copy", params={"n": 1})))
+    result = handle.result(WAIT)
+    assert result.outcome == ENDED_WITH_FAILURE
+    assert result.reason is not None and "not fired again" in result.reason
+    spm.expect(lambda: not spm.tasks, "the orphan copy discarded, every task cleared")
+    assert spm.verbs() == ["create", "copy", "delete"]
+    (copy,) = [t for t in spm.fired if t.verb == "copy"]
+    assert ("revert", copy.task_id) in spm.calls  # it had succeeded: its effect is undone
+    assert sample(rt, "spmchain_orphan_tasks_total", pool="A") == 1
+
+
+def test_a_fire_refused_before_it_was_sent_is_fired_again(make_runtime: MakeRuntime) -> None:
+    spm = _LosingAnswers(pool="A", auto="success", verb="copy", made=False,
+                         error=NotConnectedError)
+    rt = make_runtime(spm)
+    handle = rt.submit(chain("A", step("create", "delete"), step("copy")))
+    assert handle.result(WAIT).succeeded
+    assert spm.lost == 1
+    assert spm.verbs() == ["create", "copy"]
 
 
 def test_a_zombie_report_lost_with_the_chains_failing_actor_is_made_again(
