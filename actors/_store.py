@@ -229,7 +229,12 @@ class SnapshotStore(SnapshotReader):
     @abstractmethod
     def delete_ended(self, older_than_s: float, *, timeout: float | None = None) -> int:
         """Delete ended chains whose last commit is older than `older_than_s` seconds; wait until
-        that is durable and return how many were deleted. Raises like `flush`."""
+        that is durable and return how many were deleted. Raises like `flush`.
+
+        Keep `older_than_s` well past the time an engine may stay down: a chain that ended just
+        before a crash may have left its last task uncleared on the SPM, and the next start
+        needs its row to clear that task as an ended chain's rather than discard it as an
+        orphan (an orphan that succeeded is reverted, undoing the chain's work)."""
 
     @abstractmethod
     def stats(self) -> StoreStats:
