@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import sys
@@ -98,7 +99,23 @@ def _pools(args: argparse.Namespace) -> list[str]:
     return pools
 
 
+def _check_options(args: argparse.Namespace) -> None:
+    """Raise ValueError naming the first option whose value the simulators would refuse."""
+    if args.workers < 1:
+        raise ValueError(f"--workers: at least 1, got {args.workers}")
+    if args.queue_size < 0:
+        raise ValueError(f"--queue-size: at least 0, got {args.queue_size}")
+    if not (math.isfinite(args.task_ms) and args.task_ms >= 0):
+        raise ValueError(f"--task-ms: a number of milliseconds >= 0, got {args.task_ms:g}")
+    if not 0 <= args.fail_rate <= 1:
+        raise ValueError(f"--fail-rate: a probability within [0, 1], got {args.fail_rate:g}")
+    if args.min_heartbeat_ms < 0:
+        raise ValueError(f"--min-heartbeat-ms: at least 0, got {args.min_heartbeat_ms}")
+
+
 def _simulators(args: argparse.Namespace, pools: Sequence[str]) -> dict[str, SpmClient]:
+    """One simulator per pool. Raises ValueError naming ``--state-dir`` when a pool's
+    directory cannot be made or used (the simulators made by then are closed)."""
     from spm._simulator import SimulatedSpm
 
     spms: dict[str, SpmClient] = {}
@@ -110,20 +127,31 @@ def _simulators(args: argparse.Namespace, pools: Sequence[str]) -> dict[str, Spm
             "failure_rates": args.fail_rate,
             "seed": None if args.seed is None else args.seed + index,
         }
-        if args.state_dir is not None:
-            state_dir = os.path.join(args.state_dir, pool)
+        if args.state_dir is None:
+            spms[pool] = SimulatedSpm(pool, **options)
+            continue
+        state_dir = os.path.join(args.state_dir, pool)
+        try:
             os.makedirs(state_dir, exist_ok=True)
-            options["state_dir"] = state_dir
-        spms[pool] = SimulatedSpm(pool, **options)
+            spms[pool] = SimulatedSpm(pool, **options, state_dir=state_dir)
+        except (OSError, ValueError) as exc:
+            _close_all(spms)
+            if isinstance(exc, OSError) and exc.strerror:
+                where = exc.filename if exc.filename not in (None, state_dir) else None
+                reason = exc.strerror + (f" ({where})" if where else "")
+            else:
+                reason = str(exc).removeprefix("state_dir").lstrip(": ")
+            raise ValueError(f"--state-dir: {state_dir}: {reason}") from None
     return spms
 
 
 def serve_main(argv: list[str]) -> int:
     """Run ``spmchain spm serve`` with ``argv`` (options only); the process exit status.
 
-    Returns 2 for bad options, 1 when the address cannot be bound or the TLS files cannot be
-    loaded, 0 after a clean stop on SIGTERM/SIGINT. Signal handlers are installed only when
-    called from the main thread.
+    Returns 2 for bad options (a value out of range, a ``--state-dir`` that cannot be used;
+    one line on stderr names the option), 1 when the address cannot be bound or the TLS files
+    cannot be loaded, 0 after a clean stop on SIGTERM/SIGINT. Signal handlers are installed
+    only when called from the main thread, once the options were accepted.
     """
     parser = build_serve_parser()
     try:
@@ -136,6 +164,7 @@ def serve_main(argv: list[str]) -> int:
     )
     try:
         pools = _pools(args)
+        _check_options(args)
     except ValueError as exc:
         print(f"spmchain spm serve: {exc}", file=sys.stderr)
         return 2
@@ -153,6 +182,11 @@ def serve_main(argv: list[str]) -> int:
     except OSError as exc:
         print(f"spmchain spm serve: cannot load TLS files: {exc}", file=sys.stderr)
         return 1
+    try:
+        spms = _simulators(args, pools)
+    except ValueError as exc:
+        print(f"spmchain spm serve: {exc}", file=sys.stderr)
+        return 2
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -161,7 +195,6 @@ def serve_main(argv: list[str]) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
-    spms = _simulators(args, pools)
     host, port = args.listen
     server = SpmStompServer(spms, host, port, ssl_context, min_heartbeat_ms=args.min_heartbeat_ms)
     try:

@@ -258,6 +258,44 @@ def test_bad_options_exit_2_and_name_the_problem(capsys: pytest.CaptureFixture[s
     assert "--tls-cert" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--workers", "0"),
+        ("--queue-size", "-1"),
+        ("--fail-rate", "2"),
+        ("--fail-rate", "nan"),
+        ("--task-ms", "-5"),
+        ("--task-ms", "inf"),
+        ("--min-heartbeat-ms", "-1"),
+    ],
+)
+def test_option_values_out_of_range_exit_2_with_one_line_naming_the_option(
+    capsys: pytest.CaptureFixture[str], option: str, value: str
+) -> None:
+    handler = signal.getsignal(signal.SIGTERM)
+    assert serve_main(["--listen", "127.0.0.1:0", option, value]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"spmchain spm serve: {option}: ") and err.count("\n") == 1, err
+    assert signal.getsignal(signal.SIGTERM) is handler
+
+
+def test_state_dir_that_cannot_be_used_exits_2_naming_the_option(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    simulator = pytest.importorskip("spm._simulator")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    assert serve_main(["--listen", "127.0.0.1:0", "--state-dir", str(a_file)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"spmchain spm serve: --state-dir: {a_file / 'pool-0'}: Not a directory\n"
+    simulator.SimulatedSpm("another", state_dir=tmp_path / "state" / "pool-0").close()
+    assert serve_main(["--listen", "127.0.0.1:0", "--state-dir", str(tmp_path / "state")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("spmchain spm serve: --state-dir: ") and err.count("\n") == 1, err
+    assert "'another'" in err and "state_dir" not in err.replace(str(tmp_path), "")
+
+
 def test_served_tls_requires_a_client_certificate(tmp_path: Path) -> None:
     ca = trustme.CA()
     ca_pem, server_pem, client_pem = (str(tmp_path / n) for n in ("ca", "server", "client"))
