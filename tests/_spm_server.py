@@ -270,36 +270,51 @@ def with_suppressed(fn: Any, *args: Any) -> None:
 
 def start_served_spm(*args: str, port: int = 0, timeout: float = 30.0) -> ServedSpm:
     """Start the served simulator on 127.0.0.1:``port`` with extra ``args``; wait for its
-    address line. Raises RuntimeError (with its stderr) if it exits or says nothing in time."""
+    address line. Raises RuntimeError (with its stderr) if it exits or says nothing in time.
+    Whatever ends the start without a server (that, or an interrupt), the process is stopped
+    by its pid and reaped and its stderr file removed."""
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     fd, err_path = tempfile.mkstemp(prefix="spm-serve-", suffix=".log")
-    with open(fd, "w") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "spm._serve", "--listen", f"127.0.0.1:{port}", *args],
-            stdout=subprocess.PIPE,
-            stderr=err,
-            stdin=subprocess.DEVNULL,
-            text=True,
-            cwd=str(REPO),
-            env=env,
+    proc: subprocess.Popen[str] | None = None
+    reader: threading.Thread | None = None
+    served: ServedSpm | None = None
+    try:
+        with open(fd, "w") as err:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "spm._serve", "--listen", f"127.0.0.1:{port}", *args],
+                stdout=subprocess.PIPE,
+                stderr=err,
+                stdin=subprocess.DEVNULL,
+                text=True,
+                cwd=str(REPO),
+                env=env,
+            )
+        stdout = proc.stdout
+        line: list[str] = []
+        reader = threading.Thread(
+            target=lambda: line.append(stdout.readline() if stdout else ""), daemon=True
         )
-    line: list[str] = []
-    reader = threading.Thread(
-        target=lambda: line.append(proc.stdout.readline() if proc.stdout else "")
-    )
-    reader.daemon = True
-    reader.start()
-    reader.join(timeout)
-    match = re.search(r"(stomp(?:\+tls)?://\S+)", line[0]) if line else None
-    if match is None:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
-        raise RuntimeError(
-            f"served SPM did not start: {line!r}\n{Path(err_path).read_text(errors='replace')}"
-        )
-    return ServedSpm(proc, match.group(1), err_path)
+        reader.start()
+        reader.join(timeout)
+        match = re.search(r"(stomp(?:\+tls)?://\S+)", line[0]) if line else None
+        if match is None:
+            raise RuntimeError(
+                f"served SPM did not start: {line!r}\n{Path(err_path).read_text(errors='replace')}"
+            )
+        served = ServedSpm(proc, match.group(1), err_path)
+        return served
+    finally:
+        if served is None:
+            if proc is not None:
+                if proc.poll() is None:
+                    with_suppressed(os.kill, proc.pid, signal.SIGKILL)
+                proc.wait(10)
+                if reader is not None:
+                    reader.join(10)  # the pipe is at its end once the process is gone
+                if proc.stdout is not None:
+                    proc.stdout.close()
+            Path(err_path).unlink(missing_ok=True)
 
 
 @contextmanager

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import random
 import signal
+import subprocess
+import tempfile
 import threading
 import time
 import uuid
@@ -294,6 +296,59 @@ def test_state_dir_that_cannot_be_used_exits_2_naming_the_option(
     err = capsys.readouterr().err
     assert err.startswith("spmchain spm serve: --state-dir: ") and err.count("\n") == 1, err
     assert "'another'" in err and "state_dir" not in err.replace(str(tmp_path), "")
+
+
+def test_a_server_that_does_not_start_leaves_no_process_and_no_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    started = record_popen(monkeypatch)
+    with pytest.raises(RuntimeError, match="--workers"):
+        start_served_spm("--workers", "0")
+    assert [proc.returncode for proc in started] == [2]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_interrupted_start_stops_and_reaps_the_server(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    class InterruptedThread(threading.Thread):
+        """A thread whose first join is interrupted (Ctrl-C while waiting for the server)."""
+
+        interrupted = False
+
+        def join(self, timeout: float | None = None) -> None:
+            if not self.interrupted:
+                self.interrupted = True
+                raise KeyboardInterrupt
+            super().join(timeout)
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(threading, "Thread", InterruptedThread)
+    started = record_popen(monkeypatch)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            start_served_spm("--pools", "1")
+        assert len(started) == 1 and started[0].returncode is not None
+        assert list(tmp_path.iterdir()) == []
+    finally:
+        for proc in started:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+
+
+def record_popen(monkeypatch: pytest.MonkeyPatch) -> list[subprocess.Popen[str]]:
+    """Every process started from now on (start_served_spm keeps none it failed to start)."""
+    started: list[subprocess.Popen[str]] = []
+
+    class RecordedPopen(subprocess.Popen[str]):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            started.append(self)
+
+    monkeypatch.setattr(subprocess, "Popen", RecordedPopen)
+    return started
 
 
 def test_served_tls_requires_a_client_certificate(tmp_path: Path) -> None:
