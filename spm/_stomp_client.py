@@ -109,11 +109,15 @@ class StompServerError(ConnectionError):
 # --------------------------------------------------------------------------------------------
 
 
+_URL_OPTIONS = frozenset({"ca", "cert", "key", "timeout", "check_hostname"})
+
+
 def parse_stomp_url(url: str) -> tuple[str, int, bool, dict[str, str]]:
     """``stomp://host:port`` or ``stomp+tls://host:port[?cert=..&key=..&ca=..&timeout=..]`` as
     (host, port, tls, options). The port defaults to VDSM's 54321. Raises ValueError naming the
     URL and what is wrong with it: another scheme, no host, a bad IPv6 literal, a port that is
-    not a number, out of range or 0, a timeout that is not a positive number of seconds."""
+    not a number, out of range or 0, a user or password, an option it does not know (a
+    misspelt one would be ignored), a timeout that is not a positive number of seconds."""
     try:
         parts = urlsplit(url)
     except ValueError as exc:  # an unclosed or bad [IPv6] literal
@@ -132,7 +136,21 @@ def parse_stomp_url(url: str) -> tuple[str, int, bool, dict[str, str]]:
         port = DEFAULT_PORT
     elif port == 0:
         raise ValueError(f"stomp URL {url!r}: port 0 cannot be connected to")
-    options = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(f"stomp URL {url!r}: a user or password is not used (TLS client "
+                         "certificates authenticate: ?cert=..&key=..)")
+    try:
+        query = parse_qs(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
+    except ValueError:
+        raise ValueError(f"stomp URL {url!r}: the query is not name=value pairs joined by "
+                         "'&'") from None
+    options = {k: v[-1] for k, v in query.items()}
+    unknown = sorted(set(options) - _URL_OPTIONS)
+    if unknown:
+        raise ValueError(f"stomp URL {url!r}: unknown option {unknown[0]!r} (known: "
+                         f"{', '.join(sorted(_URL_OPTIONS))})")
+    if options.get("check_hostname", "1") not in ("0", "1"):
+        raise ValueError(f"stomp URL {url!r}: check_hostname must be 0 or 1")
     if "timeout" in options:
         try:
             _seconds("timeout", float(options["timeout"]))

@@ -289,6 +289,10 @@ def test_timeouts_that_are_not_positive_and_finite_are_refused_by_name(
         ("stomp://h:1?timeout=nan", "timeout 'nan' is not a positive"),
         ("stomp+tls://h:1?ca=/nonexistent", "ca '/nonexistent' cannot be loaded: No such file"),
         ("stomp+tls://h:1?cert=/nonexistent", "cert '/nonexistent' cannot be loaded: No such"),
+        ("stomp://h:1?tiemout=5", "unknown option 'tiemout' (known: ca, cert, check_hostname"),
+        ("stomp://h:1?timeout", "the query is not name=value pairs"),
+        ("stomp://u:pw@h:1", "a user or password is not used"),
+        ("stomp+tls://h:1?check_hostname=no", "check_hostname must be 0 or 1"),
     ],
 )
 def test_a_url_that_cannot_be_used_is_refused_naming_it_and_the_problem(
