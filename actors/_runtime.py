@@ -709,6 +709,7 @@ class Runtime:
                 )
             store = self._open_store()
         except BaseException:
+            self._close_store()
             self._undo_start()
             raise
         core = _Core(self, self._spms, self.options, self.metrics, store)
@@ -760,21 +761,20 @@ class Runtime:
         metrics = self.metrics
         on_commit = metrics.snapshot_commit
 
-        def on_failure(exc: BaseException) -> None:
-            core = self._core
-            if core is not None:
-                core.escalate(f"the snapshot store failed: {exc!r}")
+        on_failure = self._store_failed
 
         store: SnapshotStore | None
         if arg is None:
             store = None
         elif isinstance(arg, SnapshotStore):
             store = arg
+            if store.failure is not None:
+                raise StoreError(f"the snapshot store given has failed: {store.failure!r}")
             if isinstance(store, GroupCommitStore):
                 if store._on_commit is None:
                     store._on_commit = on_commit
-                if store._on_failure is None:
-                    store._on_failure = on_failure
+                # Each runtime using it hears of its failure (removed at stop).
+                store._failure_hooks.append(on_failure)
         elif arg == "memory":
             store = MemoryStore(on_commit=on_commit, on_failure=on_failure)
             self._owns_store = True
@@ -787,8 +787,19 @@ class Runtime:
             self._store_had_rows = (counts.live + counts.ended) > 0
         return store
 
+    def _store_failed(self, exc: BaseException) -> None:
+        core = self._core
+        if core is not None and not core.stopping:
+            core.escalate(f"the snapshot store failed: {exc!r}")
+
     def _close_store(self) -> None:
         store = self.store
+        if isinstance(store, GroupCommitStore):  # a store passed in lives on: let go of it
+            core = self._core
+            if core is not None and core.send_outbox in store._after_durable:
+                store._after_durable.remove(core.send_outbox)
+            if self._store_failed in store._failure_hooks:
+                store._failure_hooks.remove(self._store_failed)
         if store is not None and self._owns_store:
             try:
                 store.close(timeout=30.0)
@@ -1011,9 +1022,6 @@ class Runtime:
                 pass
         core.scheduler.stop()
         core.workers.shutdown(max(0.1, deadline - time.monotonic()))
-        store = self.store
-        if isinstance(store, GroupCommitStore) and core.send_outbox in store._after_durable:
-            store._after_durable.remove(core.send_outbox)  # a store passed in lives on
         self._close_store()
         if self.metrics_server is not None:
             self.metrics_server.stop()

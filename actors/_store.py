@@ -342,6 +342,8 @@ class GroupCommitStore(SnapshotStore):
         # Called by the writer once a commit's on_durable callbacks have all run (a runtime
         # sends what they queued, one message per actor and commit): one per runtime using it.
         self._after_durable: list[Callable[[], None]] = []
+        # Told, after ``on_failure``, when the store fails: one per runtime using it.
+        self._failure_hooks: list[OnFailure] = []
         self._clock = clock
         self._cond = threading.Condition(threading.Lock())
         self._pending: collections.deque[_Segment] = collections.deque()
@@ -648,9 +650,11 @@ class GroupCommitStore(SnapshotStore):
             self._pending.clear()
             self._pending_ops = 0
         _log.error("snapshot store failed; %d queued operations were not written: %r", lost, exc)
-        if self._on_failure is not None:
+        for hook in [self._on_failure, *self._failure_hooks]:
+            if hook is None:
+                continue
             try:
-                self._on_failure(exc)
+                hook(exc)
             except Exception:
                 _log.exception("snapshot store on_failure callback raised")
         with self._cond:

@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pytest
-from conftest import WAIT, EndLog, ScriptedSpm, chain, step
+from conftest import FAST, WAIT, EndLog, ScriptedSpm, chain, step
 
 from actors._chain import ENDED_SUCCESSFULLY, ENDED_WITH_FAILURE
 from actors._runtime import ChainResult, Runtime, RuntimeOptions, RuntimeStoppedError
@@ -20,6 +20,8 @@ from actors._spec import (
     StepSpec,
     register_command,
 )
+from actors._store import StoreError
+from actors._store_memory import MemoryStore
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -483,3 +485,31 @@ def test_overlapping_runtimes_restore_the_interpreter_settings_when_the_last_sto
             bad.start()
     assert sys.getswitchinterval() == pytest.approx(switch_before)
     assert gc.get_threshold() == gc_before
+
+
+def test_a_store_passed_to_one_runtime_after_another_tells_the_second_when_it_fails() -> None:
+    store = MemoryStore()
+    spm = ScriptedSpm(pool="A", auto="success")
+    first = Runtime([spm], RuntimeOptions(**FAST), store=store).start()
+    try:
+        assert first.submit(chain("A", step("create"))).result(WAIT).succeeded
+    finally:
+        first.stop()
+    spm = ScriptedSpm(pool="A")
+    second = Runtime([spm], RuntimeOptions(**FAST), store=store).start()
+    try:
+        handle = second.submit(chain("A", step("create"), step("copy")))
+        task = spm.wait_fired(1)[0]
+        spm.wait_polls(3)
+        second.flush()
+        store.fail_next_commit(OSError(28, "No space left on device"))
+        spm.finish(task.task_id)  # the chain records the outcome: that commit fails
+        with pytest.raises(RuntimeStoppedError) as stopped:
+            handle.result(WAIT)
+        assert "snapshot store failed" in stopped.value.reason
+        assert "No space left" in stopped.value.reason
+    finally:
+        second.stop()
+    # A runtime given a store that has failed refuses to start, naming the failure.
+    with pytest.raises(StoreError, match=r"has failed.*No space left"):
+        Runtime([ScriptedSpm(pool="A")], RuntimeOptions(**FAST), store=store).start()
