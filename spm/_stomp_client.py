@@ -422,8 +422,10 @@ class StompRpcConnection:
                 reason = _unexpected(exc)
                 log.exception("STOMP connection to %s dropped after an error", self.address)
             finally:
+                # Down before the stream closes: a call must never find the client connected
+                # on a closed stream (nor wait_connected say True for it).
+                self._go_down(reason)
                 stream.close()
-            self._go_down(reason)
             if not self._closed():
                 self._pause(self._delay_min)
         self._go_down("the client is closed")

@@ -25,7 +25,7 @@ from spm._errors import (
     TaskStateError,
     UnknownTaskError,
 )
-from spm._stomp import Frame
+from spm._stomp import Frame, FrameStream
 from spm._stomp_client import (
     NotConnectedError,
     RpcProtocolError,
@@ -582,6 +582,34 @@ def test_client_reconnects_after_the_server_restarts(fakes: dict[str, FakeSpm]) 
     finally:
         client.close()
         first.stop()
+
+
+def test_client_is_down_before_it_closes_a_lost_connection(
+    server: SpmStompServer, client: StompSpmClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The I/O thread is held just after it closed the stream of the connection the server
+    # dropped: the client must not still say it is connected on that closed stream.
+    close = FrameStream.close
+    io_thread = f"spm-stomp-client-{client.connection.address}"
+    closed, resume = threading.Event(), threading.Event()
+
+    def close_and_hold(self: FrameStream) -> None:
+        close(self)
+        if threading.current_thread().name == io_thread and not closed.is_set():
+            closed.set()
+            resume.wait(5)
+
+    monkeypatch.setattr(FrameStream, "close", close_and_hold)
+    assert client.wait_connected(5)
+    server.stop()
+    try:
+        assert closed.wait(5)
+        assert not client.connection.connected
+        assert not client.wait_connected(0)
+        with pytest.raises(NotConnectedError, match="not connected to"):
+            client.getAllTasksStatuses()
+    finally:
+        resume.set()
 
 
 def test_close_fails_calls_in_flight_and_refuses_later_ones(
