@@ -241,7 +241,8 @@ def task_messages(effects: list[ch.Effect], chain_id: str, pool: str, task_timeo
             )
             out.append(m.Stop(eff.task_id))
         elif isinstance(eff, ch.DiscardTask):
-            out.append(m.Discard(eff.task_id, f"no longer wanted by chain {chain_id}"))
+            out.append(m.Discard(eff.task_id, f"no longer wanted by chain {chain_id}",
+                                 disowned=True))
         elif isinstance(eff, ch.ChainEnded):
             ended = True
     return out, ended

@@ -64,10 +64,12 @@ class Stop:
 
 @dataclass(frozen=True, slots=True)
 class Discard:
-    """Stop ``task_id``, revert it if it finished successfully, then clear it (an orphan)."""
+    """Stop ``task_id``, revert it if it finished successfully, then clear it (an orphan).
+    ``disowned``: sent by the chain that owned it (no longer wanted), not found unowned."""
 
     task_id: str
     reason: str
+    disowned: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -124,7 +124,8 @@ class PollerActor(Supervised, ThreadActor):
         for t in tasks:
             w = self.watched.get(t.task_id)
             self.unowned.pop(t.task_id, None)
-            if w is None or w.chain_id is None:
+            if w is None or w.chain_id is None or t.chain_id is None:
+                # New, or being discarded (watched for the SpmTaskActor, chain or not before).
                 w = self.watched[t.task_id] = _Watch(t.chain_id, t.verb, t.fired_at, t.timeout_s)
                 self.pending[t.task_id] = w
             elif not w.ended:

@@ -252,7 +252,7 @@ class _PoolState:
     """What one pool's SpmTaskActor knows that must outlive it (see SpmTaskActor)."""
 
     __slots__ = ("by_ref", "discarding", "hold", "owners", "queued", "recovery_acked",
-                 "recovery_orphans", "unsettled")
+                 "recovery_orphans", "refused", "unsettled")
 
     def __init__(self) -> None:
         self.owners: dict[str, tuple[str, tuple[str, int, int]]] = {}
@@ -266,9 +266,12 @@ class _PoolState:
         self.recovery_orphans: list[str] = []
         self.recovery_acked: list[str] = []
         # Fires whose answer was lost (the SPM may or may not have made the task), waiting to
-        # be settled from its task list: (chain id, ref) -> (request, code, message).
+        # be settled from its task list: (chain id, ref) -> (request, code, message, when).
         self.unsettled: dict[tuple[str, tuple[str, int, int]],
-                             tuple[m.FireRequest, int, str]] = {}
+                             tuple[m.FireRequest, int, str, float]] = {}
+        # Fires settled as refused: asked for again (a chain rebuilt before it heard), they
+        # are refused again, never fired (the task the first one may have made is discarded).
+        self.refused: dict[tuple[str, tuple[str, int, int]], ch.FireRefused] = {}
 
 
 class _Core:
@@ -517,13 +520,17 @@ class _Core:
                     state = ch.ChainState.from_dict(decode_snapshot(blob),
                                                     store.load_spec(chain_id))
                 except (SnapshotError, KeyError, TypeError, ValueError) as exc:
+                    # The damaged blob is kept aside and counted like any other that does
+                    # not decode; the chain's row is then written again whole.
+                    self.metrics.snapshot_quarantined()
+                    store.quarantine(chain_id, blob, f"does not decode: {exc}", timeout=30.0)
                     logger.error(
-                        "chain %s: its snapshot in the store does not decode (%s: %s); "
-                        "rebuilt from the state recorded last in memory, written again",
-                        chain_id, type(exc).__name__, exc,
+                        "chain %s: its snapshot in the store does not decode (%s: %s); kept "
+                        "in quarantine, the chain rebuilt from the state recorded last in "
+                        "memory, which is written again", chain_id, type(exc).__name__, exc,
                         extra={"chain_id": chain_id, "pool": entry.pool})
                     store.save(chain_id, encode_snapshot(state.to_dict(with_spec=False)),
-                               ended=state.ended)
+                               ended=state.ended, spec=state.spec.packed())
                     store.flush(timeout=30.0)
         entry.state = entry.durable = state
         self.start_chain_actor(entry, state)

@@ -108,6 +108,10 @@ class SpmTaskActor(Supervised, ThreadActor):
         self.unsettled = ps.unsettled
         self.settle_pending = False
         self.settle_backoff = core.options.retry_min_s
+        # Fires a predecessor sent without an answer keep their resources taken (the tasks
+        # may exist) until they are settled (Begin asks for that).
+        for req, _, _, _ in ps.unsettled.values():
+            self._take(req.exclusive, req.shared)
 
     @property
     def hold(self) -> bool:
@@ -134,10 +138,6 @@ class SpmTaskActor(Supervised, ThreadActor):
         # unowned (its chain is known, see _discard).
         ps = self.ps
         if ps.unsettled:
-            # Fires a predecessor sent without an answer: their resources stay taken (the
-            # tasks may exist) until they are settled.
-            for req, _, _ in ps.unsettled.values():
-                self._take(req.exclusive, req.shared)
             self._schedule_settle()
         for task_id in ps.recovery_acked:
             self._clear(task_id)
@@ -174,6 +174,8 @@ class SpmTaskActor(Supervised, ThreadActor):
                         message.chain_id, ch.TaskFired(message.ref, task_id, time.time())
                     )
                 return True
+            if self._refused_again(key):
+                return True
             self.by_ref[key] = None
             self.queue.append(message)
             self._dispatch()
@@ -193,6 +195,8 @@ class SpmTaskActor(Supervised, ThreadActor):
         elif isinstance(message, m.Begin):
             self._begin()
         elif isinstance(message, m.Discard):
+            if message.disowned:
+                self.core.task_owners[message.task_id] = None  # its chain does not want it
             self._discard(message.task_id, message.reason)
         elif isinstance(message, m.OrphanEnded):
             self._orphan_ended(message.task_id, message.succeeded)
@@ -308,28 +312,31 @@ class SpmTaskActor(Supervised, ThreadActor):
                 core.tell_poller(self.pool, m.Watch(tuple(watch)))
 
     def _fired(self, req: m.FireRequest, task_id: str, now: float,
-               watch: list[m.Watched]) -> None:
-        """``req`` made ``task_id``: it is its chain's (to be watched), or, if the chain ended
-        meanwhile, an orphan."""
+               watch: list[m.Watched], settled: bool = False) -> None:
+        """``req`` made ``task_id`` (fired at ``now``): it is its chain's (to be watched), or,
+        if the chain ended meanwhile, an orphan. ``settled``: found by _settle (its delay is
+        not a reaction)."""
         core = self.core
         self.outstanding[task_id] = _Outstanding(
             req.chain_id, req.ref, req.verb, req.exclusive, req.shared, now, req.task_timeout_s,
         )
-        if req.chain_id not in core.chains:
+        key = (req.chain_id, req.ref)
+        self.owners[task_id] = key
+        core.task_owners[task_id] = req.chain_id
+        self.by_ref[key] = task_id
+        if not core.tell_chain(req.chain_id, ch.TaskFired(req.ref, task_id, time.time())):
             # It ended while the verb was on its way: the task is nobody's to keep.
+            del self.owners[task_id]
             core.task_owners[task_id] = None
-            self.by_ref.pop((req.chain_id, req.ref), None)
+            self.by_ref.pop(key, None)
             self._discard(task_id, f"its chain {req.chain_id} ended as it was fired")
             return
-        self.owners[task_id] = (req.chain_id, req.ref)
-        core.task_owners[task_id] = req.chain_id
-        self.by_ref[(req.chain_id, req.ref)] = task_id
         watch.append(m.Watched(task_id, req.chain_id, req.verb, now, req.task_timeout_s))
         if req.ref[0] == "revert":
             core.metrics.revert_fired(req.verb)
         else:
             core.metrics.step_fired(req.verb)
-        if req.seen_at is not None:
+        if req.seen_at is not None and not settled:
             delay = max(0.0, time.time() - req.seen_at)
             if req.ref[1] > 0 or req.ref[0] == "revert":
                 core.metrics.reaction(delay)  # a chain's first step reacts to nothing
@@ -342,13 +349,12 @@ class SpmTaskActor(Supervised, ThreadActor):
             task_id,
             extra={"chain_id": req.chain_id, "pool": self.pool, "task_id": task_id},
         )
-        self._tell_chain(req.chain_id, ch.TaskFired(req.ref, task_id, time.time()))
 
     # -- fires without an answer ------------------------------------------------------------
 
     def _unsettle(self, req: m.FireRequest, err: SpmError) -> None:
         key = (req.chain_id, req.ref)
-        self.unsettled[key] = (req, err.code, err.message)
+        self.unsettled[key] = (req, err.code, err.message, time.monotonic())
         self.by_ref[key] = _UNSETTLED
         logger.warning(
             "pool %s: firing %s for chain %s got no answer (%s); whether the SPM made the "
@@ -368,10 +374,11 @@ class SpmTaskActor(Supervised, ThreadActor):
 
     def _settle(self) -> None:
         """Each fire without an answer: the one task on the SPM that no one owns with its verb
-        and parameters is its task (adopted: the chain goes on); when there is none, several,
-        or the SPM does not tell parameters (VDSM), its step is refused: the chain fails it
-        and reverts the others, and a task the fire may have made is an orphan (stopped,
-        reverted, cleared) — never a second task for the same step."""
+        and parameters is its task (adopted: the chain goes on). When there is none, several,
+        or the SPM does not tell parameters (VDSM), its step is refused (the chain fails it and
+        reverts the others; asked for again, it is refused again) and every unowned task with
+        its verb is discarded at once, the first holding the step's resources until it is
+        gone: never a second task for the same step, nor a revert beside the first."""
         self.settle_pending = False
         unsettled = self.unsettled
         if not unsettled:
@@ -390,12 +397,13 @@ class SpmTaskActor(Supervised, ThreadActor):
         unowned = {tid: inf for tid, inf in info.items()
                    if tid not in owned and tid not in self.owners and tid not in self.discarding}
         watch: list[m.Watched] = []
-        for key, (req, code, message) in list(unsettled.items()):
-            del unsettled[key]
+        refused: list[tuple[m.FireRequest, str]] = []
+        for key, (req, code, message, fired_at) in list(unsettled.items()):
             if req.chain_id not in core.chains:
                 # Its chain ended meanwhile: a task the fire made is an orphan (the sweep).
                 self._release(req.exclusive, req.shared)
                 self.by_ref.pop(key, None)
+                del unsettled[key]
                 continue
             matches = [
                 tid for tid, inf in unowned.items()
@@ -409,17 +417,53 @@ class SpmTaskActor(Supervised, ThreadActor):
                             req.verb, req.chain_id, task_id,
                             extra={"chain_id": req.chain_id, "pool": self.pool,
                                    "task_id": task_id})
-                self._fired(req, task_id, time.monotonic(), watch)
+                del unsettled[key]
+                self._fired(req, task_id, fired_at, watch, settled=True)
                 continue
-            self._release(req.exclusive, req.shared)
-            self.by_ref.pop(key, None)
-            self._tell_chain(req.chain_id, ch.FireRefused(
+            event = ch.FireRefused(
                 req.ref, code,
                 f"{message}; whether the SPM made the task is unknown, so the step is not "
-                "fired again (a task it made is discarded as an orphan)", time.time()))
+                "fired again (a task it made is discarded as an orphan)", time.time())
+            self.by_ref.pop(key, None)
+            self._remember_refused(key, event)
+            del unsettled[key]
+            refused.append((req, f"it may be the task of {req.verb} for chain {req.chain_id}, "
+                                 "whose answer was lost"))
+            self._tell_chain(req.chain_id, event)
         if watch:
             core.tell_poller(self.pool, m.Watch(tuple(watch)))
+        for req, reason in refused:
+            held = False
+            for task_id, inf in list(unowned.items()):
+                if inf.get("verb") != req.verb:
+                    continue
+                del unowned[task_id]
+                if not held:
+                    # It holds the step's resources until it is gone (see _orphan_ended).
+                    self.outstanding[task_id] = _Outstanding(
+                        None, req.ref, req.verb, req.exclusive, req.shared, time.monotonic(),
+                        _NEVER)
+                    held = True
+                self._discard(task_id, reason)
+            if not held:
+                self._release(req.exclusive, req.shared)
         self._dispatch()
+
+    def _remember_refused(self, key: tuple[str, tuple[str, int, int]],
+                          event: ch.FireRefused) -> None:
+        refused = self.ps.refused
+        chains = self.core.chains
+        for old in [k for k in refused if k[0] not in chains]:
+            del refused[old]  # their chains ended
+        refused[key] = event
+
+    def _refused_again(self, key: tuple[str, tuple[str, int, int]]) -> bool:
+        """A request settled as refused, asked for again: refused again (True)."""
+        event = self.ps.refused.get(key)
+        if event is None:
+            return False
+        self._tell_chain(key[0], event)
+        return True
 
     def _schedule_retry(self, err: SpmError) -> None:
         if self.retry_pending:
@@ -500,7 +544,7 @@ class SpmTaskActor(Supervised, ThreadActor):
             self._stop_task(task_id)
         for req in msg.fires:
             key = (req.chain_id, req.ref)
-            if key not in self.by_ref:
+            if key not in self.by_ref and not self._refused_again(key):
                 self.by_ref[key] = None
                 self.queue.append(req)
         self._dispatch()
@@ -591,9 +635,6 @@ class SpmTaskActor(Supervised, ThreadActor):
         stage = self.discarding.get(task_id)
         if stage is None:
             return
-        out = self.outstanding.pop(task_id, None)
-        if out is not None:
-            self._release(out.exclusive, out.shared)
         if succeeded and stage == "stopping":
             try:
                 self.spm.revertTask(task_id)
@@ -627,6 +668,11 @@ class SpmTaskActor(Supervised, ThreadActor):
             return
         del self.discarding[task_id]
         self.orphan_retries.pop(task_id, None)
+        out = self.outstanding.pop(task_id, None)
+        if out is not None:
+            # Its slot and its resources were held until it was gone (reverted, cleared).
+            self._release(out.exclusive, out.shared)
+            self._dispatch()
         self.core.task_owners.pop(task_id, None)
         if self.hold and not self.discarding:
             self._release_hold()

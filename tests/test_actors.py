@@ -18,7 +18,7 @@ from conftest import FAST, WAIT, EndLog, ScriptedSpm, chain, step
 from actors._chain import ENDED_SUCCESSFULLY, ENDED_WITH_FAILURE
 from actors._command import CommandActor
 from actors._faults import FaultInjector, InjectedFault
-from actors._runtime import ChainHandle, Runtime, RuntimeOptions, RuntimeStoppedError
+from actors._runtime import ChainHandle, Runtime, RuntimeOptions, RuntimeStoppedError, _Core
 from actors._spm_task import SpmTaskActor
 from actors._supervisor import DEFAULT_SUPERVISION, ChildSpec
 from spm._errors import NotSpmError, SpmConnectionError, SpmError, SpmTimeoutError
@@ -647,12 +647,15 @@ class _LosingAnswers(ScriptedSpm):
     error: type[SpmError] = SpmConnectionError
     tells_params: bool = False
     lost: int = 0
+    on_lose: Callable[[], None] | None = None  # called as the answer is lost
 
     def fire(self, verb: str, params: Mapping[str, Any]) -> str:
         if verb == self.verb and not self.lost:
             self.lost += 1
             if self.made:
                 super().fire(verb, params)
+            if self.on_lose is not None:
+                self.on_lose()
             raise self.error("the answer was lost")
         return super().fire(verb, params)
 
@@ -682,18 +685,82 @@ def test_a_fire_whose_answer_was_lost_is_not_fired_again_when_its_task_cannot_be
 ) -> None:
     """The SPM does not tell parameters (VDSM): the task it may have made cannot be told from
     another, so the step is refused (the chain fails and reverts), and the task is discarded
-    as an orphan: the verb never runs twice, nothing is left."""
+    at once (not after the orphan grace), holding the step's resources until it is gone: the
+    verb never runs twice, the revert of the step before never runs beside it, nothing is
+    left."""
     spm = _LosingAnswers(pool="A", auto="success", verb="copy", error=error)
-    rt = make_runtime(spm, orphan_grace_s=0.1)
-    handle = rt.submit(chain("A", step("create", "delete"), step("copy", params={"n": 1})))
+    rt = make_runtime(spm, orphan_grace_s=3600.0)
+    handle = rt.submit(chain("A", step("create", "delete", exclusive=("img",)),
+                             step("copy", params={"n": 1}, exclusive=("img",))))
     result = handle.result(WAIT)
     assert result.outcome == ENDED_WITH_FAILURE
     assert result.reason is not None and "not fired again" in result.reason
     spm.expect(lambda: not spm.tasks, "the orphan copy discarded, every task cleared")
     assert spm.verbs() == ["create", "copy", "delete"]
     (copy,) = [t for t in spm.fired if t.verb == "copy"]
-    assert ("revert", copy.task_id) in spm.calls  # it had succeeded: its effect is undone
+    calls = list(spm.calls)
+    assert ("revert", copy.task_id) in calls  # it had succeeded: its effect is undone
+    assert calls.index(("clear", copy.task_id)) < calls.index(("fire", "delete"))
     assert sample(rt, "spmchain_orphan_tasks_total", pool="A") == 1
+
+
+def test_a_step_refused_when_its_fire_was_settled_is_refused_again_if_asked_again(
+    make_runtime: MakeRuntime,
+) -> None:
+    """The chain's actor fails on the refusal and its successor asks for the step again: it is
+    refused again, never fired (a second task beside the one the lost fire may have made)."""
+    spm = _LosingAnswers(pool="A", auto="success", verb="copy")
+    rt = make_runtime(spm, orphan_grace_s=3600.0)
+    faults = scripted_faults(rt)
+    spm.on_lose = lambda: faults.plan([("command", 0)])  # the refusal is what it fails on
+    handle = rt.submit(chain("A", step("create", "delete"), step("copy")))
+    result = handle.result(WAIT)
+    assert faults.done.is_set()
+    assert sample(rt, "spmchain_actor_restarts_total", kind="command") == 1
+    assert result.outcome == ENDED_WITH_FAILURE
+    assert result.reason is not None and "not fired again" in result.reason
+    spm.expect(lambda: not spm.tasks, "every task cleared")
+    assert spm.verbs() == ["create", "copy", "delete"]
+
+
+def test_a_task_fired_as_its_chain_ends_is_discarded_not_just_cleared(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The chain passes its deadline while its step is being fired: it has ended (recorded)
+    when the task id comes back. The task is nobody's to keep: stopped, reverted, cleared."""
+    ending = threading.Event()
+    returned = threading.Event()
+    real_end = _Core.chain_ended
+
+    def chain_ended_after_the_fire_returned(self: _Core, entry: Any, state: Any) -> None:
+        ending.set()
+        assert returned.wait(WAIT)
+        real_end(self, entry, state)
+
+    monkeypatch.setattr(_Core, "chain_ended", chain_ended_after_the_fire_returned)
+
+    @dataclass
+    class FiringLate(ScriptedSpm):
+        def fire(self, verb: str, params: Mapping[str, Any]) -> str:
+            assert ending.wait(WAIT)  # the chain ends while its fire is on its way
+            try:
+                return super().fire(verb, params)
+            finally:
+                returned.set()
+
+    spm = FiringLate(pool="A", auto="success")
+    rt = Runtime([spm], RuntimeOptions(**FAST), store="memory").start()
+    try:
+        handle = rt.submit(chain("A", step("create", "delete"), deadline_s=0.1,
+                                 task_timeout_s=0.1))
+        result = handle.result(WAIT)
+        assert result.outcome == ENDED_WITH_FAILURE
+        spm.expect(lambda: not spm.tasks, "the late task discarded")
+    finally:
+        rt.stop()
+    (late,) = spm.fired
+    assert [c for c in spm.calls if c[1] == late.task_id] == [
+        ("stop", late.task_id), ("revert", late.task_id), ("clear", late.task_id)]
 
 
 def test_a_fire_refused_before_it_was_sent_is_fired_again(make_runtime: MakeRuntime) -> None:

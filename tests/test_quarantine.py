@@ -251,3 +251,7 @@ def test_a_snapshot_damaged_under_a_running_runtime_does_not_lose_its_chain_at_a
     assert spm.verbs() == ["a", "b"]
     state = decode_snapshot(_blob(db, handle.chain_id))  # whole again, and up to date
     assert state["phase"] == "ended" and state["outcome"] == ENDED_SUCCESSFULLY
+    with sqlite3.connect(db) as conn:  # the damaged blob kept, with the reason
+        kept = conn.execute("SELECT chain_id, blob, reason FROM quarantine").fetchall()
+    assert [(c, bytes(b)) for c, b, _ in kept] == [(handle.chain_id, bytes(blob))]
+    assert "checksum" in kept[0][2]
