@@ -107,7 +107,12 @@ class PollerActor(Supervised, ThreadActor):
                 return None  # superseded by an earlier tick
             self.core.faults.maybe_fail("poller")
             started = time.monotonic()
-            self._poll()
+            try:
+                self._poll()
+            finally:
+                # Also when the SPM cannot be polled: waiting chains past their deadline end,
+                # and the admission window closes.
+                self.core.admission_tick(self.pool)
             # The interval runs from this poll's start: the time the poll itself took (and
             # the wake-up of this thread) is not added to every task's wait for the next one.
             self._schedule(max(0.0, started + self.interval - time.monotonic()))
@@ -257,7 +262,6 @@ class PollerActor(Supervised, ThreadActor):
             self.interval = self.min_s
         else:
             self.interval = min(self.interval * 2, self.max_s)
-        core.admission_tick(self.pool)
 
     def _deliver(self, task_id: str, w: _Watch, now: float, wall: float,
                  deliveries: list[tuple[str, ch.TaskEnded]]) -> None:

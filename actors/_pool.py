@@ -217,9 +217,17 @@ class PooledActor(pykka.Actor):
         assert getattr(obj, "_pool", None) is not None, (
             "PooledActor.__init__() was not called with the pool"
         )
-        if before is not None:
-            before(obj.actor_ref)
-        obj._start_actor_loop()
+        if before is None:
+            obj._start_actor_loop()
+            return obj.actor_ref
+        # _START is first in the inbox before the ref is published: a message told as soon as
+        # it is (a cancel, a redelivered task end) comes after on_start, never before.
+        inbox: _PooledInbox = obj.actor_inbox  # type: ignore[assignment]
+        with inbox._lock:
+            inbox._q.append(Envelope(_START))
+            inbox._scheduled = True
+        before(obj.actor_ref)
+        obj._pool.schedule(obj)
         return obj.actor_ref
 
     def __init__(self, pool: WorkerPool, *_args: Any, **_kwargs: Any) -> None:

@@ -443,7 +443,9 @@ class _Core:
             self.tell_task_actor(pool, msgs[0] if len(msgs) == 1 else m.Batch(tuple(msgs)))
 
     def chain_ended(self, entry: _Entry, state: ch.ChainState) -> None:
-        self.chains.pop(entry.chain_id, None)
+        if self.chains.get(entry.chain_id) is not entry:
+            return  # its end was reported already
+        del self.chains[entry.chain_id]
         for _ref, task_id, _rec in state.in_flight():
             if task_id is not None and task_id in self.task_owners:
                 self.task_owners[task_id] = None  # discarded by the chain's end
@@ -557,6 +559,9 @@ class _Core:
         adm = self.admissions[entry.pool]
         if adm.offer(entry, entry.state.deadline_at):
             self.start_admitted(entry.pool, [entry])
+        elif entry.cancel is not None and adm.remove(entry):
+            # Cancelled while it was being queued (the cancel found it not yet waiting).
+            self.run_now(entry)
         else:
             self.publish_admission(entry.pool)
 

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from conftest import FAST, WAIT, ScriptedSpm, chain, step
 
 from actors._admission import PoolAdmission
 from actors._chain import ENDED_SUCCESSFULLY, ENDED_WITH_FAILURE
+from actors._command import CommandActor
 from actors._runtime import Runtime, RuntimeOptions
+from spm._errors import NotSpmError
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -302,6 +305,84 @@ def test_a_chain_whose_deadline_passes_while_it_waits_ends_with_failure_firing_n
     spm.finish(spm.fired[0].task_id)
     assert first.result(WAIT).outcome == ENDED_SUCCESSFULLY
     assert spm.verbs() == ["create"]
+
+
+def test_a_waiting_chain_past_its_deadline_ends_even_while_the_spm_cannot_be_polled(
+    make_runtime: MakeRuntime,
+) -> None:
+    spm = ScriptedSpm(pool="A")
+    rt = make_runtime(spm, **_fixed(1))
+    first = rt.submit(chain("A", step("create")))
+    spm.wait_fired(1)
+    spm.poll_error = NotSpmError()  # the host lost the SPM role: every poll fails
+    spm.wait_polls(2)
+    late = rt.submit(chain("A", step("copy", "uncopy"), deadline_s=0.05))
+    result = late.result(WAIT)
+    assert result.outcome == ENDED_WITH_FAILURE
+    assert result.reason is not None and "deadline" in result.reason
+    assert not first.done()
+    spm.poll_error = None
+    spm.finish(spm.fired[0].task_id)
+    assert first.result(WAIT).outcome == ENDED_SUCCESSFULLY
+    assert spm.verbs() == ["create"]
+
+
+def test_a_cancel_while_a_chain_is_being_queued_ends_it_without_waiting_for_a_place(
+    make_runtime: MakeRuntime, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    spm = ScriptedSpm(pool="A")
+    rt = make_runtime(spm, **_fixed(1))
+    first = rt.submit(chain("A", step("create")))
+    spm.wait_fired(1)
+    real_offer = PoolAdmission.offer
+    told: list[bool] = []
+
+    def offer_after_a_cancel(self: PoolAdmission[Any], item: Any, deadline: Any = None) -> Any:
+        if item.chain_id == "victim":  # another thread's cancel lands just before the queue
+            told.append(rt.cancel(item.chain_id, "cancelled by user"))
+        return real_offer(self, item, deadline)
+
+    monkeypatch.setattr(PoolAdmission, "offer", offer_after_a_cancel)
+    victim = rt.submit(chain("A", step("copy"), chain_id="victim"))
+    assert told == [True]
+    result = victim.result(WAIT)  # while the first chain still holds the only place
+    assert result.outcome == ENDED_WITH_FAILURE and result.reason == "cancelled by user"
+    assert not first.done()
+    assert rt.admission()["A"].waiting == 0
+    assert spm.verbs() == ["create"]
+
+
+def test_a_cancel_told_as_a_chain_starts_ends_it_once(
+    make_runtime: MakeRuntime, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The Cancel arrives as soon as the chain's actor is published, before its on_start
+    could run: the chain ends once (one result, one done callback, one count)."""
+    spm = ScriptedSpm(pool="A")
+    rt = make_runtime(spm)
+    ends: list[str] = []
+    rt.add_done_callback(lambda result: ends.append(result.chain_id))
+    refs: list[Any] = []
+    real_start_with = CommandActor.start_with.__func__  # type: ignore[attr-defined]
+
+    def start_with_a_cancel(cls: Any, before: Any, *args: Any, **kwargs: Any) -> Any:
+        def publish_then_cancel(ref: Any) -> None:
+            before(ref)
+            refs.append(ref)
+            rt.cancel(args[2].chain_id, "cancelled by user")  # told in that very moment
+
+        return real_start_with(cls, publish_then_cancel, *args, **kwargs)
+
+    monkeypatch.setattr(CommandActor, "start_with", classmethod(start_with_a_cancel))
+    handle = rt.submit(chain("A", step("create"), chain_id="once"))
+    result = handle.result(WAIT)
+    assert result.outcome == ENDED_WITH_FAILURE and result.reason == "cancelled by user"
+    assert refs[0].actor_stopped.wait(WAIT)  # every turn it had is over
+    assert ends == ["once"]
+    ended = rt.metrics.registry.get_sample_value(
+        "spmchain_chains_ended_total",
+        {"outcome": ENDED_WITH_FAILURE, "command_type": "test"})
+    assert ended == 1
+    assert spm.fired == []
 
 
 def test_a_store_passed_in_serves_one_runtime_after_another(tmp_path: object) -> None:
