@@ -503,7 +503,14 @@ class SpmTaskActor(Supervised, ThreadActor):
         try:
             self.spm.clearTask(task_id)
         except UnknownTaskError:
-            pass  # already cleared: a duplicate acknowledgement
+            # Already cleared (a repeated acknowledgement), or not known for now: VDSM answers
+            # 401 for every task while the host is not the SPM, and lists them again after
+            # spmStart. Its owner is kept, so that a task listed again is cleared as its
+            # chain's, never taken for an orphan (reverted).
+            owner = self.owners.pop(task_id, None)
+            if owner is not None:
+                self.by_ref.pop(owner, None)
+            return
         except SpmError as err:
             # Left for the next report: the poller reports the task again while the SPM still
             # lists it, the chain acknowledges again, and the clear is tried again.

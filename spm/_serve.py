@@ -71,6 +71,11 @@ def build_serve_parser(parser: argparse.ArgumentParser | None = None) -> argpars
     parser.add_argument(
         "--state-dir", default=None, metavar="DIR", help="persist pool tasks under DIR/<pool>"
     )
+    parser.add_argument(
+        "--fsync", action="store_true",
+        help="with --state-dir: sync each answer to disk before it is sent (survives an OS "
+             "crash, not only a killed server)",
+    )
     parser.add_argument("--tls-cert", default=None, help="server certificate (PEM): serve TLS")
     parser.add_argument("--tls-key", default=None, help="server private key (PEM)")
     parser.add_argument(
@@ -133,7 +138,7 @@ def _simulators(args: argparse.Namespace, pools: Sequence[str]) -> dict[str, Spm
         state_dir = os.path.join(args.state_dir, pool)
         try:
             os.makedirs(state_dir, exist_ok=True)
-            spms[pool] = SimulatedSpm(pool, **options, state_dir=state_dir)
+            spms[pool] = SimulatedSpm(pool, **options, state_dir=state_dir, fsync=args.fsync)
         except (OSError, ValueError) as exc:
             _close_all(spms)
             if isinstance(exc, OSError) and exc.strerror:

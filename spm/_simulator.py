@@ -32,10 +32,12 @@ How a task moves (every move checked against VDSM's table, :mod:`spm._simstate`)
 * ``revertTask`` on a finished task: finished → racquiring → recovering → (``rollback_duration``,
   no worker) → recovered; its effect is undone in the ledger.
 
-The SPM role: :meth:`SimulatedSpm.spm_stop` makes every SpmClient call raise ``NotSpmError``
-(654) and freezes the tasks; :meth:`SimulatedSpm.spm_start` takes the role back and reloads the
-tasks as VDSM does on SPM start — finished ones stay to be polled and cleared, unfinished ones are
-aborted and rolled back (ending ``finished``/``cleanSuccess``, no effect left), never resumed.
+The SPM role: :meth:`SimulatedSpm.spm_stop` makes ``fire`` and the task-list calls raise
+``NotSpmError`` (654) and the calls on one task ``UnknownTaskError`` (401: VDSM unloads the
+SPM's tasks), and freezes the tasks; :meth:`SimulatedSpm.spm_start` takes the role back and
+reloads the tasks as VDSM does on SPM start — finished ones stay to be polled and cleared,
+unfinished ones are aborted and rolled back (ending ``finished``/``cleanSuccess``, no effect
+left), never resumed.
 With ``state_dir`` the tasks and the storage are persisted (:mod:`spm._simlog`) before each call
 returns, and a new simulator on the same directory recovers the same way, whatever moment the old
 process was killed at.
@@ -591,10 +593,11 @@ class SimulatedSpm(SpmClient):
 
     def getTaskStatus(self, task_id: str) -> TaskStatus:  # noqa: N802
         """One task's status (cached: do not mutate). Raises UnknownTaskError (401) for an id the
-        SPM does not know, SpmError 1000 for a malformed id, NotSpmError (654) when not SPM."""
+        SPM does not know, and for every id while this host is not the SPM (as VDSM: its tasks
+        are unloaded), SpmError 1000 for a malformed id."""
         with self._lock:
             try:
-                self._enter(spm=True)
+                self._enter(spm=True, task=True)
                 status = self._get(task_id).status
             finally:
                 seq = self._leave()
@@ -605,11 +608,11 @@ class SimulatedSpm(SpmClient):
 
     def clearTask(self, task_id: str) -> None:  # noqa: N802
         """Forget a task that is done. Raises TaskStateError (410) while it is not, and
-        UnknownTaskError (401) / NotSpmError (654) as :meth:`getTaskStatus` does.
+        UnknownTaskError (401) as :meth:`getTaskStatus` does.
         """
         with self._lock:
             try:
-                self._enter(spm=True)
+                self._enter(spm=True, task=True)
                 self._clear(task_id)
             finally:
                 seq = self._leave()
@@ -635,10 +638,10 @@ class SimulatedSpm(SpmClient):
         A queued task, or a running one (job in progress or waiting for a lock), is aborted: its
         locks are released, its job's effect never happens, it rolls back and ends recovered
         (``finished``/``cleanSuccess``) with code 411. A task that is done, or already aborting or
-        rolling back, is left alone (a no-op, as in VDSM). Raises UnknownTaskError (401) /
-        NotSpmError (654) as :meth:`getTaskStatus` does.
+        rolling back, is left alone (a no-op, as in VDSM). Raises UnknownTaskError (401) as
+        :meth:`getTaskStatus` does.
         """
-        with self._session(spm=True):
+        with self._session(spm=True, task=True):
             task = self._get(task_id)
             if task.state == QUEUED or task.state == RUNNING:
                 self._stopped += 1
@@ -651,10 +654,9 @@ class SimulatedSpm(SpmClient):
         ``rollback_duration``, ends recovered (``finished``/``cleanSuccess``, code 0) with its
         effect undone in the ledger. Raises TaskNotFinishedError (403) while the task is not
         done, IllegalTransitionError (441) for a task that ended recovered or failed (VDSM's
-        table has no move from there), UnknownTaskError (401) / NotSpmError (654) as
-        :meth:`getTaskStatus` does.
+        table has no move from there), UnknownTaskError (401) as :meth:`getTaskStatus` does.
         """
-        with self._session(spm=True):
+        with self._session(spm=True, task=True):
             task = self._get(task_id)
             if task.state not in DONE:
                 raise TaskNotFinishedError(
@@ -687,8 +689,9 @@ class SimulatedSpm(SpmClient):
         return self._is_spm
 
     def spm_stop(self) -> None:
-        """Lose the SPM role (fencing, a lost lease): every SpmClient call raises NotSpmError
-        (654) until :meth:`spm_start`, and the tasks freeze where they are. A no-op when the role
+        """Lose the SPM role (fencing, a lost lease): until :meth:`spm_start` every SpmClient
+        call raises NotSpmError (654), UnknownTaskError (401) for a call on one task, and the
+        tasks freeze where they are. A no-op when the role
         is already lost."""
         with self._session(spm=False):
             if self._is_spm:
@@ -788,12 +791,17 @@ class SimulatedSpm(SpmClient):
 
     # ---- plumbing -----------------------------------------------------------------------------
 
-    def _enter(self, *, spm: bool) -> None:
+    def _enter(self, *, spm: bool, task: bool = False) -> None:
         """With the lock held: refuse when closed (or not SPM, for an SpmClient call), then
-        advance to ``clock()``."""
+        advance to ``clock()``. ``task``: a call on one task, which VDSM answers 401 while the
+        host is not the SPM (it unloads the SPM's tasks at spmStop; they are back at spmStart)
+        where the task-list calls answer 654."""
         if self._closed:
             raise GenericError("the simulated SPM is closed")
         if spm and not self._is_spm:
+            if task:
+                raise UnknownTaskError(f"{UnknownTaskError.default_message}: the SPM role of "
+                                       f"pool {self.pool} is lost, its tasks are unloaded")
             raise NotSpmError(f"{NotSpmError.default_message}: the SPM role of pool "
                               f"{self.pool} is lost")
         self._advance()
@@ -815,14 +823,14 @@ class SimulatedSpm(SpmClient):
             self._log.sync_to(seq)
 
     @contextmanager
-    def _session(self, *, spm: bool) -> Iterator[None]:
+    def _session(self, *, spm: bool, task: bool = False) -> Iterator[None]:
         """Lock, check, advance to ``clock()``; on the way out write this call's records and
         make them durable (outside the lock) before the caller sees the answer."""
         seq = 0
         try:
             with self._lock:
                 try:
-                    self._enter(spm=spm)
+                    self._enter(spm=spm, task=task)
                     yield
                 finally:
                     seq = self._leave()

@@ -654,6 +654,9 @@ SPM_CALLS: list[tuple[str, Callable[[SimulatedSpm, str], object]]] = [
     ("fire", lambda spm, tid: spm.fire("createVolume", create("img-9", "vol-9"))),
     ("getAllTasksStatuses", lambda spm, tid: spm.getAllTasksStatuses()),
     ("getAllTasksInfo", lambda spm, tid: spm.getAllTasksInfo()),
+]
+# Calls on one task: VDSM unloads the SPM's tasks when the role is lost, so they answer 401.
+TASK_CALLS: list[tuple[str, Callable[[SimulatedSpm, str], object]]] = [
     ("getTaskStatus", lambda spm, tid: spm.getTaskStatus(tid)),
     ("clearTask", lambda spm, tid: spm.clearTask(tid)),
     ("stopTask", lambda spm, tid: spm.stopTask(tid)),
@@ -673,6 +676,21 @@ def test_every_call_raises_654_after_the_spm_role_is_lost(
         call(spm, tid)
     assert err.value.code == 654
     spm.spm_start()
+    call(spm, tid)  # works again
+
+
+@pytest.mark.parametrize(("name", "call"), TASK_CALLS, ids=[c[0] for c in TASK_CALLS])
+def test_every_task_call_raises_401_while_the_spm_role_is_lost(
+    name: str, call: Callable[[SimulatedSpm, str], object]
+) -> None:
+    spm = make(FakeClock())
+    tid = spm.fire("createVolume", create("img-1", "vol-1"))
+    spm.spm_stop()
+    with pytest.raises(UnknownTaskError) as err:
+        call(spm, tid)
+    assert err.value.code == 401
+    spm.spm_start()
+    assert tid in spm.getAllTasksStatuses()  # listed again: it was only unloaded
     call(spm, tid)  # works again
 
 

@@ -20,7 +20,7 @@ import pytest
 import trustme
 from _spm_server import RawStomp, ServedSpm, served_spm, start_served_spm
 
-from spm._errors import NotSpmError, SpmConnectionError, SpmTimeoutError
+from spm._errors import NotSpmError, SpmConnectionError, SpmTimeoutError, UnknownTaskError
 from spm._serve import serve_main
 from spm._stomp_client import NotConnectedError, StompSpmClient, connected_pools
 
@@ -135,13 +135,18 @@ def test_spm_role_taken_away_gives_654_and_calls_succeed_after_spm_start(
         for call in (
             client.getAllTasksStatuses,
             client.getAllTasksInfo,
-            lambda: client.getTaskStatus(task_id),
-            lambda: client.clearTask(task_id),
             lambda: client.fire("createVolume", volume_params()),
         ):
             with pytest.raises(NotSpmError) as refused:
                 call()
             assert refused.value.code == 654
+        for call in (  # the SPM's tasks are unloaded: a call on one answers 401, as in VDSM
+            lambda: client.getTaskStatus(task_id),
+            lambda: client.clearTask(task_id),
+        ):
+            with pytest.raises(UnknownTaskError) as unknown:
+                call()
+            assert unknown.value.code == 401
         assert other.getAllTasksStatuses() == {}  # the other pool keeps its SPM
         client.spmStart()
         assert client.getTaskStatus(task_id)["taskState"] == "finished"
@@ -155,7 +160,7 @@ def test_killed_server_restarted_client_reconnects_and_tasks_are_recovered(
     tmp_path: Path,
 ) -> None:
     state = str(tmp_path / "state")
-    first = start_served_spm("--pool", "p", "--state-dir", state)
+    first = start_served_spm("--pool", "p", "--state-dir", state, "--fsync")
     port = first.port
     client = StompSpmClient(first.url, "p", timeout=10.0, **FAST)
     servers = [first]
