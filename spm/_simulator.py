@@ -16,7 +16,9 @@ How a task moves (every move checked against VDSM's table, :mod:`spm._simstate`)
 
 * ``fire``: parameters checked (an error raises and creates no task), then init → preparing →
   acquiring → queued. If a worker is free the task starts at once, otherwise it waits in the FIFO
-  queue; a full queue refuses the verb (405, VDSM's ``AddTaskError``).
+  queue; a full queue refuses the verb (405, VDSM's ``AddTaskError``). What VDSM changes in the
+  API call itself happens here, once the task is accepted (``deleteImage`` removes the image;
+  its job only purges).
 * start: queued → running, holding a worker. The job takes its image locks in VDSM's sorted order;
   a lock held by another task makes it wait, still holding its worker, until the lock frees (FIFO
   per resource) or ``resource_timeout`` passes (the job fails with 851). The internal state stays
@@ -30,7 +32,9 @@ How a task moves (every move checked against VDSM's table, :mod:`spm._simstate`)
   ``rollback_duration`` on the same worker, and the task ends recovered (``finished``/
   ``cleanSuccess``) with the error's code and ``"value=<error> abortedcode=<code>"``.
 * ``revertTask`` on a finished task: finished → racquiring → recovering → (``rollback_duration``,
-  no worker) → recovered; its effect is undone in the ledger.
+  no worker) → recovered; its effect is undone in the ledger. A verb whose job registers no
+  rollback in VDSM (``deleteImage``) has nothing to undo: a revert, a stop or a failed job leave
+  the storage as it is, and the task still ends recovered.
 
 The SPM role: :meth:`SimulatedSpm.spm_stop` makes ``fire`` and the task-list calls raise
 ``NotSpmError`` (654) and the calls on one task ``UnknownTaskError`` (401: VDSM unloads the
@@ -560,6 +564,11 @@ class SimulatedSpm(SpmClient):
             self._max_unfinished = self._unfinished
         if self._log is not None:
             self._pending.append(encode(["F", tid, task.verb, task.params]))
+        ops = v.fire_effect(call, self._ledger, tid, now)
+        if ops:
+            # What the API call itself changes (deleteImage: the removal); no rollback undoes it.
+            applied = self._ledger.apply_ops(ops, task_id=tid, verb=v.name, at=now)
+            self._log_state(task, [("a", op) for op in applied])
         if self._busy < self._workers:
             self._start(task, now)
         else:
@@ -637,9 +646,10 @@ class SimulatedSpm(SpmClient):
 
         A queued task, or a running one (job in progress or waiting for a lock), is aborted: its
         locks are released, its job's effect never happens, it rolls back and ends recovered
-        (``finished``/``cleanSuccess``) with code 411. A task that is done, or already aborting or
-        rolling back, is left alone (a no-op, as in VDSM). Raises UnknownTaskError (401) as
-        :meth:`getTaskStatus` does.
+        (``finished``/``cleanSuccess``) with code 411; what the API call itself did stays done
+        (a stopped ``deleteImage`` leaves the image removed). A task that is done, or already
+        aborting or rolling back, is left alone (a no-op, as in VDSM). Raises UnknownTaskError
+        (401) as :meth:`getTaskStatus` does.
         """
         with self._session(spm=True, task=True):
             task = self._get(task_id)
@@ -652,9 +662,11 @@ class SimulatedSpm(SpmClient):
 
         A task that ended successfully moves finished → racquiring → recovering and, after
         ``rollback_duration``, ends recovered (``finished``/``cleanSuccess``, code 0) with its
-        effect undone in the ledger. Raises TaskNotFinishedError (403) while the task is not
-        done, IllegalTransitionError (441) for a task that ended recovered or failed (VDSM's
-        table has no move from there), UnknownTaskError (401) as :meth:`getTaskStatus` does.
+        effect undone in the ledger (``deleteImage`` registers no rollback, as in VDSM: its
+        revert ends recovered with nothing undone). Raises TaskNotFinishedError (403) while the
+        task is not done, IllegalTransitionError (441) for a task that ended recovered or failed
+        (VDSM's table has no move from there), UnknownTaskError (401) as :meth:`getTaskStatus`
+        does.
         """
         with self._session(spm=True, task=True):
             task = self._get(task_id)
@@ -1056,14 +1068,16 @@ class SimulatedSpm(SpmClient):
             self._log_duplicate(ledger.note_duplicate(key, first, task_id=task.id,
                                                       verb=task.verb, at=at))
         applied = ledger.apply_ops(ops, task_id=task.id, verb=task.verb, at=at)
-        task.effect = applied
+        # A job that registers no rollback leaves its task nothing to undo.
+        task.effect = applied if verb.registers_rollback else []
         self._release_locks(task, at)
         task.state = move(task.state, FINISHED)
         task.message = SUCCESS_MESSAGE
         self._succeeded += 1
         self._reach_done(task)
         self._publish(task)
-        self._log_state(task, [("a", op) for op in applied], effect=1)
+        self._log_state(task, [("a", op) for op in applied],
+                        effect=1 if verb.registers_rollback else 2)
         self._free_worker(task, at)
 
     def _on_lock_timeout(self, task: _Task, at: float) -> None:

@@ -6,15 +6,20 @@ on a destination image, acquired in sorted order), storage errors from
 ``storage/exception.py`` with their codes and their text (``"<message>: <repr(value)>"``, as
 VDSM's ``GeneralException.__str__`` prints them).
 
-A verb does its work in three places:
+A verb does its work in four places:
 
 * :meth:`Verb.parse` when the task is fired: parameters are checked (an unknown, missing or
   ill-typed one raises :class:`~spm._errors.SpmError` code 1000 naming it; a foreign pool raises
   309), and nothing is created when it raises.
 * :meth:`Verb.prepare` when the task is fired, against the storage as it is: the checks VDSM
   makes in the API call itself (``deleteImage`` of an image that is not there raises 268).
+* :meth:`Verb.fire_effect` once the task is accepted: what VDSM changes in the API call itself,
+  before the job is queued (``deleteImage`` removes the image there). It is never undone: VDSM
+  registers no rollback for it.
 * :meth:`Verb.plan` when the job runs: the preconditions on the storage and the effect as a list
   of ledger changes. A failed precondition raises :class:`StorageFailure`, which fails the job.
+  The job's effect is undone by the task's rollback unless the verb registers none
+  (:attr:`Verb.registers_rollback`).
 """
 
 from __future__ import annotations
@@ -188,6 +193,7 @@ class VerbCall(NamedTuple):
     dst_sd: str | None = None
     dst_img: str | None = None
     dst_vol: str | None = None
+    post_zero: bool = False
 
 
 Plan = tuple[list[Op], list[tuple[LedgerKey, str]]]
@@ -202,6 +208,10 @@ class Verb(abc.ABC):
     params: ClassVar[tuple[ParamSpec, ...]]
     failure: ClassVar[StorageErrorKind]
     """The storage error an injected failure of this verb's job reports."""
+    registers_rollback: ClassVar[bool] = True
+    """Whether the job registers a rollback (VDSM's ``pushRecovery``): when it does, a revert of
+    the finished task and the abort of a failed job undo the job's effect; when it does not,
+    the rollback has nothing to undo and the task still ends recovered."""
 
     def __init__(self) -> None:
         self._specs = {spec.name: spec for spec in self.params}
@@ -245,6 +255,12 @@ class Verb(abc.ABC):
 
     def prepare(self, call: VerbCall, ledger: Ledger) -> None:  # noqa: B027
         """Fire-time checks against the storage; raise StorageFailure to refuse the verb."""
+
+    def fire_effect(self, call: VerbCall, ledger: Ledger, task_id: str,
+                    at: float) -> list[Op]:
+        """What the API call itself changes once the verb is accepted as task ``task_id``
+        (after :meth:`prepare`); applied at once and never undone. None by default."""
+        return []
 
     @abc.abstractmethod
     def plan(self, call: VerbCall, ledger: Ledger, task_id: str, at: float) -> Plan:
@@ -447,9 +463,13 @@ def _missing_image(ledger: Ledger, sd: str, img: str, task_id: str) -> StorageFa
 class DeleteImage(Verb):
     """``deleteImage``: remove an image with all its volumes (and its sync mark).
 
-    Locks the image exclusively. Refused at fire with 268 when the image is not there (VDSM checks
-    in the API call); the job fails with 268 when it went away meanwhile (a duplicated effect
-    when another task deleted it). Rollback puts everything back.
+    As VDSM's ``hsm.deleteImage``: the API call checks that the image is there (refused with 268
+    otherwise) and, without ``postZero``, removes it right there (``pool.deleteImage``); the
+    task's job only purges what was removed (``purgeImage``). With ``postZero`` the job zeroes
+    the volumes and removes the image at its end (``zeroImage``), failing with 268 when it went
+    away meanwhile (a duplicated effect when another task deleted it). Neither job registers a
+    rollback: a revert, a stop or a failed job never puts the image back. Locks the image
+    exclusively.
     """
 
     name = "deleteImage"
@@ -458,18 +478,30 @@ class DeleteImage(Verb):
         ParamSpec("imgUUID", "uuid", True), *_BOOLS,
     )
     failure = IMAGE_DELETE_ERROR
+    registers_rollback = False
 
     def _build(self, params: Mapping[str, Any]) -> VerbCall:
-        return VerbCall(self.name, params["sdUUID"], params["imgUUID"])
+        post_zero = params.get("postZero")
+        return VerbCall(self.name, params["sdUUID"], params["imgUUID"],
+                        post_zero=post_zero is True or (
+                            isinstance(post_zero, str) and post_zero.lower() == "true"))
 
     def locks(self, call: VerbCall) -> tuple[LockSpec, ...]:
         return ((image_resource(call.sd, call.img), True),)
 
     def prepare(self, call: VerbCall, ledger: Ledger) -> None:
         if image_key(call.sd, call.img) not in ledger:
-            raise StorageFailure(IMAGE_DOES_NOT_EXIST_IN_SD, f"image={call.img}, domain={call.sd}")
+            raise _missing_image(ledger, call.sd, call.img, "")
+
+    def fire_effect(self, call: VerbCall, ledger: Ledger, task_id: str,
+                    at: float) -> list[Op]:
+        if call.post_zero:
+            return []
+        return _image_removal(ledger, call.sd, call.img, ledger.volumes_of(call.sd, call.img))
 
     def plan(self, call: VerbCall, ledger: Ledger, task_id: str, at: float) -> Plan:
+        if not call.post_zero:
+            return [], []  # purgeImage: the image was removed when the verb was accepted
         if image_key(call.sd, call.img) not in ledger:
             raise _missing_image(ledger, call.sd, call.img, task_id)
         return _image_removal(ledger, call.sd, call.img, ledger.volumes_of(call.sd, call.img)), []

@@ -40,8 +40,8 @@ def delete_volume(img: str, *vols: str) -> Step:
     return ("deleteVolume", {"sdUUID": SD, "spUUID": POOL, "imgUUID": img, "volumes": list(vols)})
 
 
-def delete_image(img: str, sd: str = SD) -> Step:
-    return ("deleteImage", {"sdUUID": sd, "spUUID": POOL, "imgUUID": img})
+def delete_image(img: str, sd: str = SD, **extra: Any) -> Step:
+    return ("deleteImage", {"sdUUID": sd, "spUUID": POOL, "imgUUID": img, **extra})
 
 
 def clone(img: str) -> Step:
@@ -85,11 +85,6 @@ EFFECTS: list[tuple[str, list[Step], Step, set[tuple[str, ...]], set[tuple[str, 
     ("deleteVolume of the last volume removes the image", [create("img-1", "vol-1")],
      delete_volume("img-1", "vol-1"),
      set(), {volume_key(SD, "img-1", "vol-1"), image_key(SD, "img-1")}),
-    ("deleteImage removes the image, its volumes and its sync mark",
-     [create("img-1", "vol-1"), create("img-1", "vol-2"), clone("img-1"), sync("img-1")],
-     delete_image("img-1", sd=SD2),
-     set(), {image_key(SD2, "img-1"), volume_key(SD2, "img-1", "vol-1"),
-             volume_key(SD2, "img-1", "vol-2"), synced_key(SD2, "img-1")}),
     ("cloneImageStructure copies the volume chain to the other domain",
      [create("img-1", "vol-1"), create("img-1", "vol-2")], clone("img-1"),
      {image_key(SD2, "img-1"), volume_key(SD2, "img-1", "vol-1"),
@@ -118,6 +113,87 @@ def test_each_verb_changes_the_storage_and_revert_undoes_it(
     assert spm.getTaskStatus(tid)["taskResult"] == "cleanSuccess"
     # Undone exactly: what it removed is back with its original creator.
     assert state(spm) == before
+
+
+# deleteImage as VDSM's hsm.deleteImage: the call removes the image (pool.deleteImage), the job
+# only purges it (purgeImage), and no rollback is registered for either.
+
+CLONED = [create("img-1", "vol-1"), create("img-1", "vol-2"), clone("img-1"), sync("img-1")]
+CLONE_KEYS = {image_key(SD2, "img-1"), volume_key(SD2, "img-1", "vol-1"),
+              volume_key(SD2, "img-1", "vol-2"), synced_key(SD2, "img-1")}
+
+
+def test_delete_image_removes_the_image_when_the_verb_is_accepted() -> None:
+    clock = FakeClock()
+    spm = SimulatedSpm(POOL, clock=clock, durations={"deleteImage": 10.0})
+    for s in CLONED:
+        run(spm, s)
+    before = state(spm)
+    clock.t = 1.0
+    tid = spm.fire(*delete_image("img-1", sd=SD2))
+    # Gone while the task still runs: its volumes, its sync mark and the image itself.
+    assert spm.getTaskStatus(tid)["taskState"] == "running"
+    assert set(before) - set(state(spm)) == CLONE_KEYS
+    assert set(state(spm)) <= set(before)
+    removed = [(e.at, e.task_id, e.verb, e.action, e.op) for e in spm.ledger_history()
+               if e.key in CLONE_KEYS and e.op == "remove"]
+    assert removed == [(1.0, tid, "deleteImage", "apply", "remove")] * len(CLONE_KEYS)
+    clock.t = 11.0
+    events = len(spm.ledger_history())
+    assert spm.getTaskStatus(tid)["taskResult"] == "success"
+    assert len(spm.ledger_history()) == events  # the job (purgeImage) changes nothing more
+
+
+def test_a_reverted_delete_image_ends_recovered_with_nothing_put_back() -> None:
+    spm = SimulatedSpm(POOL, clock=FakeClock())
+    for s in CLONED:
+        run(spm, s)
+    tid = run(spm, delete_image("img-1", sd=SD2))
+    after = state(spm)
+    spm.revertTask(tid)
+    s = spm.getTaskStatus(tid)
+    assert (s["taskState"], s["taskResult"], s["code"]) == ("finished", "cleanSuccess", 0)
+    assert spm.internal_state(tid) == "recovered"
+    assert state(spm) == after
+    assert [e.action for e in spm.ledger_history()].count("undo") == 0
+
+
+def test_a_stopped_or_failed_delete_image_leaves_the_image_removed() -> None:
+    clock = FakeClock()
+    spm = SimulatedSpm(POOL, clock=clock, durations={"deleteImage": 10.0})
+    run(spm, create("img-1", "vol-1"))
+    stopped = spm.fire(*delete_image("img-1"))
+    spm.stopTask(stopped)
+    s = spm.getTaskStatus(stopped)
+    assert (s["taskState"], s["taskResult"], s["code"]) == ("finished", "cleanSuccess", 411)
+    assert spm.objects() == []
+    failing = SimulatedSpm(POOL, clock=FakeClock(), failure_rates={"deleteImage": 1.0})
+    run(failing, create("img-2", "vol-1"))
+    failed = failing.fire(*delete_image("img-2"))
+    s = failing.getTaskStatus(failed)
+    assert (s["taskState"], s["taskResult"], s["code"]) == ("finished", "cleanSuccess", 256)
+    assert failing.objects() == []
+
+
+def test_delete_image_with_post_zero_removes_the_image_at_the_end_of_its_job() -> None:
+    clock = FakeClock()
+    spm = SimulatedSpm(POOL, clock=clock, durations={"deleteImage": 10.0})
+    run(spm, create("img-1", "vol-1"))
+    run(spm, create("img-2", "vol-1"))
+    before = state(spm)
+    stopped = spm.fire(*delete_image("img-1", postZero=True))
+    assert state(spm) == before  # zeroImage removes the image when it is done
+    spm.stopTask(stopped)
+    assert state(spm) == before
+    tid = spm.fire(*delete_image("img-2", postZero="true"))
+    clock.t = 10.0
+    assert spm.getTaskStatus(tid)["taskResult"] == "success"
+    assert set(before) - set(state(spm)) == {image_key(SD, "img-2"),
+                                             volume_key(SD, "img-2", "vol-1")}
+    spm.revertTask(tid)  # no rollback registered for zeroImage either
+    assert spm.getTaskStatus(tid)["taskResult"] == "cleanSuccess"
+    assert set(before) - set(state(spm)) == {image_key(SD, "img-2"),
+                                             volume_key(SD, "img-2", "vol-1")}
 
 
 def test_a_reverted_chain_leaves_nothing_behind() -> None:
@@ -192,8 +268,9 @@ def test_deleting_an_image_twice_concurrently_counts_one_duplicated_effect() -> 
     clock = FakeClock()
     spm = SimulatedSpm(POOL, clock=clock, durations={"deleteImage": 1.0})
     run(spm, create("img-1", "vol-1"))
-    first = spm.fire(*delete_image("img-1"))
-    second = spm.fire(*delete_image("img-1"))  # passes fire: the image is still there
+    # With postZero the removal is the job's: both pass fire, the image is still there.
+    first = spm.fire(*delete_image("img-1", postZero=True))
+    second = spm.fire(*delete_image("img-1", postZero=True))
     clock.t = 1.0
     assert spm.getTaskStatus(first)["taskResult"] == "success"
     assert spm.getTaskStatus(second)["code"] == 268

@@ -149,6 +149,26 @@ def test_a_finished_task_reloaded_from_disk_can_still_be_reverted(tmp_path: Path
     assert restarted.objects() == []
 
 
+def test_a_delete_image_reloaded_from_disk_keeps_the_image_removed(tmp_path: Path) -> None:
+    clock = FakeClock()
+    spm = SimulatedSpm(POOL, clock=clock, durations={"deleteImage": 10.0}, state_dir=tmp_path)
+    for img in ("img-1", "img-2"):
+        assert wire(spm, spm.fire("createVolume", create(img, "vol-1")))[1] == "success"
+    image = {"sdUUID": SD, "spUUID": POOL}
+    done = spm.fire("deleteImage", {**image, "imgUUID": "img-1"})
+    clock.t = 10.0
+    assert wire(spm, done) == SUCCESS
+    running = spm.fire("deleteImage", {**image, "imgUUID": "img-2"})  # removed by the call
+    assert spm.objects() == []
+    crash(spm)
+    restarted = SimulatedSpm(POOL, clock=FakeClock(), state_dir=tmp_path)
+    # The purge caught running is aborted; neither task has a rollback that puts an image back.
+    assert wire(restarted, running) == ("finished", "cleanSuccess", 411)
+    restarted.revertTask(done)
+    assert wire(restarted, done) == ("finished", "cleanSuccess", 0)
+    assert restarted.objects() == []
+
+
 def test_torn_last_record_is_cut_off_and_the_rest_recovered(tmp_path: Path) -> None:
     spm = SimulatedSpm(POOL, clock=FakeClock(), durations=1.0, state_dir=tmp_path)
     first = spm.fire("createVolume", create("img-1", "vol-1"))
