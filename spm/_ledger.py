@@ -109,6 +109,8 @@ class DuplicateEffect(NamedTuple):
     first_task_id: str
     """The task whose effect is already in place (created it, or already removed it)."""
     task_id: str
+    """The task that tried again; empty when the verb was refused at fire and made no task
+    (``deleteImage`` of an image another task's effect removed: 268)."""
     verb: str
 
 

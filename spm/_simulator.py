@@ -536,6 +536,12 @@ class SimulatedSpm(SpmClient):
         try:
             v.prepare(call, self._ledger)
         except StorageFailure as failure:
+            if failure.duplicate_of is not None:
+                # Refused as VDSM refuses it, but a second attempt at an effect all the same
+                # (no task was made: the duplicate names none).
+                key, first = failure.duplicate_of
+                self._log_duplicate(self._ledger.note_duplicate(key, first, task_id="",
+                                                                verb=v.name, at=self._now))
             raise failure.to_spm_error() from None
         if self._busy >= self._workers and self._queued >= self._queue_size:
             self._refused += 1
@@ -759,7 +765,8 @@ class SimulatedSpm(SpmClient):
         """How many effects were applied (or attempted) more than once: a second task creating
         what another task's effect created and is still there (createVolume/copyImage/
         cloneImageStructure failing with 212, a second syncImageData), or deleting what another
-        task's effect already deleted (201/268). Zero when every step's effect happened once."""
+        task's effect already deleted (201/268; also a ``deleteImage`` refused at fire with 268,
+        which makes no task). Zero when every step's effect happened once."""
         with self._session(spm=False):
             return self._ledger.duplicate_count
 

@@ -254,7 +254,8 @@ class Verb(abc.ABC):
         """The image locks the job takes, sorted in VDSM's acquisition order."""
 
     def prepare(self, call: VerbCall, ledger: Ledger) -> None:  # noqa: B027
-        """Fire-time checks against the storage; raise StorageFailure to refuse the verb."""
+        """Fire-time checks against the storage; raise StorageFailure to refuse the verb (with
+        ``duplicate_of`` when what is missing was removed by another task's effect)."""
 
     def fire_effect(self, call: VerbCall, ledger: Ledger, task_id: str,
                     at: float) -> list[Op]:
@@ -464,12 +465,12 @@ class DeleteImage(Verb):
     """``deleteImage``: remove an image with all its volumes (and its sync mark).
 
     As VDSM's ``hsm.deleteImage``: the API call checks that the image is there (refused with 268
-    otherwise) and, without ``postZero``, removes it right there (``pool.deleteImage``); the
-    task's job only purges what was removed (``purgeImage``). With ``postZero`` the job zeroes
-    the volumes and removes the image at its end (``zeroImage``), failing with 268 when it went
-    away meanwhile (a duplicated effect when another task deleted it). Neither job registers a
-    rollback: a revert, a stop or a failed job never puts the image back. Locks the image
-    exclusively.
+    otherwise, a duplicated effect when another task's effect removed it; no task is made) and,
+    without ``postZero``, removes it right there (``pool.deleteImage``); the task's job only
+    purges what was removed (``purgeImage``). With ``postZero`` the job zeroes the volumes and
+    removes the image at its end (``zeroImage``), failing with 268 when it went away meanwhile
+    (a duplicated effect when another task deleted it). Neither job registers a rollback: a
+    revert, a stop or a failed job never puts the image back. Locks the image exclusively.
     """
 
     name = "deleteImage"

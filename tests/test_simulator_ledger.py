@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from spm._errors import SpmError
 from spm._ledger import Ledger, LedgerObject, image_key, synced_key, volume_key
 from spm._simulator import SimulatedSpm
 
@@ -276,6 +277,26 @@ def test_deleting_an_image_twice_concurrently_counts_one_duplicated_effect() -> 
     assert spm.getTaskStatus(second)["code"] == 268
     assert spm.duplicated_effects() == 1
     assert spm.stats().exclusive_overlaps == 1
+
+
+def test_delete_image_of_an_image_another_task_deleted_is_refused_and_counted() -> None:
+    spm = SimulatedSpm(POOL, clock=FakeClock())
+    run(spm, create("img-1", "vol-1"))
+    first = run(spm, delete_image("img-1"))
+    with pytest.raises(SpmError) as err:  # as VDSM: refused in the call, no task
+        spm.fire(*delete_image("img-1"))
+    assert err.value.code == 268
+    assert spm.stats().tasks_fired == 2  # the create and the first delete
+    assert spm.duplicated_effects() == 1
+    assert spm.stats().duplicated_effects == 1
+    dup = spm.duplicates()[0]
+    assert (dup.key, dup.first_task_id, dup.task_id, dup.verb) == (
+        image_key(SD, "img-1"), first, "", "deleteImage")
+    # An image that never existed is refused the same way but duplicates nothing.
+    with pytest.raises(SpmError) as err:
+        spm.fire(*delete_image("img-9"))
+    assert err.value.code == 268
+    assert spm.duplicated_effects() == 1
 
 
 def test_a_second_sync_succeeds_and_counts_as_a_duplicated_effect() -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from spm._errors import UnknownTaskError
+from spm._errors import SpmError, UnknownTaskError
 from spm._simlog import LOG_NAME, encode
 from spm._simulator import ABORTED_MESSAGE, SimulatedSpm
 
@@ -167,6 +167,20 @@ def test_a_delete_image_reloaded_from_disk_keeps_the_image_removed(tmp_path: Pat
     restarted.revertTask(done)
     assert wire(restarted, done) == ("finished", "cleanSuccess", 0)
     assert restarted.objects() == []
+
+
+def test_a_delete_image_refused_as_a_duplicate_is_still_counted_after_a_restart(
+    tmp_path: Path,
+) -> None:
+    spm = SimulatedSpm(POOL, clock=FakeClock(), state_dir=tmp_path)
+    assert wire(spm, spm.fire("createVolume", create("img-1", "vol-1")))[1] == "success"
+    image = {"sdUUID": SD, "spUUID": POOL, "imgUUID": "img-1"}
+    first = spm.fire("deleteImage", image)
+    with pytest.raises(SpmError, match="Image does not exist"):
+        spm.fire("deleteImage", image)
+    crash(spm)
+    restarted = SimulatedSpm(POOL, clock=FakeClock(), state_dir=tmp_path)
+    assert [(d.first_task_id, d.task_id) for d in restarted.duplicates()] == [(first, "")]
 
 
 def test_torn_last_record_is_cut_off_and_the_rest_recovered(tmp_path: Path) -> None:
