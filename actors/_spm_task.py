@@ -166,19 +166,8 @@ class SpmTaskActor(Supervised, ThreadActor):
     def _handle(self, message: Any) -> bool:
         """Handle one message; False when it is not one of this actor's."""
         if isinstance(message, m.FireRequest):
-            key = (message.chain_id, message.ref)
-            if key in self.by_ref:
-                task_id = self.by_ref[key]
-                if task_id:  # fired (None: queued here; _UNSETTLED: answer lost)
-                    self._tell_chain(
-                        message.chain_id, ch.TaskFired(message.ref, task_id, time.time())
-                    )
-                return True
-            if self._refused_again(key):
-                return True
-            self.by_ref[key] = None
-            self.queue.append(message)
-            self._dispatch()
+            if self._request(message):
+                self._dispatch()
         elif isinstance(message, m.Finished):
             self._finished(message.task_ids)
             self._dispatch()
@@ -210,6 +199,24 @@ class SpmTaskActor(Supervised, ThreadActor):
         return True
 
     # -- firing ----------------------------------------------------------------------------
+
+    def _request(self, req: m.FireRequest) -> bool:
+        """A chain asks for a step (or a revert) to be fired: queued (True), unless it was
+        asked for before. Then the chain is told again what became of it — the task fired for
+        it, or the refusal — since it asks again only when it did not hear (a rebuilt chain
+        actor, a resync): fired at most once, answered as often as asked."""
+        key = (req.chain_id, req.ref)
+        by_ref = self.by_ref
+        if key in by_ref:
+            task_id = by_ref[key]
+            if task_id:  # fired (None: queued here; _UNSETTLED: answer lost, being settled)
+                self._tell_chain(req.chain_id, ch.TaskFired(req.ref, task_id, time.time()))
+            return False
+        if self._refused_again(key):
+            return False
+        by_ref[key] = None
+        self.queue.append(req)
+        return True
 
     def _free(self, req: m.FireRequest) -> bool:
         excl, shared = self.excl, self.shared
@@ -550,10 +557,7 @@ class SpmTaskActor(Supervised, ThreadActor):
         for task_id in msg.stops:
             self._stop_task(task_id)
         for req in msg.fires:
-            key = (req.chain_id, req.ref)
-            if key not in self.by_ref and not self._refused_again(key):
-                self.by_ref[key] = None
-                self.queue.append(req)
+            self._request(req)
         self._dispatch()
 
     def _rewatch(self) -> None:

@@ -15,7 +15,7 @@ import pytest
 from _fake_spm import FakeTask
 from conftest import FAST, WAIT, EndLog, ScriptedSpm, chain, step
 
-from actors._chain import ENDED_SUCCESSFULLY, ENDED_WITH_FAILURE
+from actors._chain import ENDED_SUCCESSFULLY, ENDED_WITH_FAILURE, TaskFired
 from actors._command import CommandActor
 from actors._faults import FaultInjector, InjectedFault
 from actors._runtime import ChainHandle, Runtime, RuntimeOptions, RuntimeStoppedError, _Core
@@ -488,6 +488,40 @@ def test_the_task_of_an_ended_chain_is_cleared_even_when_its_ack_was_lost(
     assert faults.done.wait(WAIT)
     spm.expect(lambda: task.task_id not in spm.tasks, "the finished task cleared", timeout=5.0)
     assert ("revert", task.task_id) not in spm.calls
+
+
+def test_a_rebuilt_spm_task_actor_tells_a_chain_again_the_task_it_fired_for_it(
+    make_runtime: MakeRuntime, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The chain never heard that its step was fired (the TaskFired was lost with its failing
+    actor, and its rebuilt actor's request with a failing SpmTaskActor); the resync of the
+    rebuilt SpmTaskActor asks for that step again: the chain is told the task fired for it
+    (it ignored the task's end, not knowing it as its own, and waited forever)."""
+    spm = ScriptedSpm(pool="A")
+    rt = make_runtime(spm)
+    faults = scripted_faults(rt)
+    real_tell = _Core.tell_chain
+    dropped: list[str] = []
+
+    def losing_the_first_task_fired(self: _Core, chain_id: str, event: Any,
+                                    seen_at: float | None = None) -> bool:
+        if isinstance(event, TaskFired) and not dropped:
+            dropped.append(event.task_id)
+            return True
+        return real_tell(self, chain_id, event, seen_at)
+
+    monkeypatch.setattr(_Core, "tell_chain", losing_the_first_task_fired)
+    handle = rt.submit(chain("A", step("a"), step("b")))
+    task = spm.wait_fired(1)[0]
+    spm.wait_polls(3)
+    assert dropped == [task.task_id]
+    assert rt.chains()[0].steps[0].task_id is None  # the chain does not know its task
+    faults.plan([("spm_task", 0)])  # the next message it handles (the Finished) fails it
+    spm.finish(task.task_id)
+    assert faults.done.wait(WAIT)
+    spm.finish(spm.wait_fired(2)[1].task_id)
+    assert handle.result(WAIT).succeeded
+    assert spm.verbs() == ["a", "b"]
 
 
 def test_a_succeeded_task_of_an_ended_chain_is_never_reverted_as_an_orphan(
