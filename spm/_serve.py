@@ -4,7 +4,8 @@ Runs one :class:`~spm._simulator.SimulatedSpm` per pool behind a
 :class:`~spm._stomp_server.SpmStompServer`, prints the address it bound on one line (so a parent
 that asked for port 0 can read it), and serves until SIGTERM or SIGINT, then stops cleanly and
 exits 0. With ``--state-dir`` each pool's tasks are persisted under ``DIR/<pool>``, so a
-restarted server recovers them as VDSM does on SPM start.
+restarted server recovers them as VDSM does on SPM start; a directory another server (or
+simulator) has open is refused.
 """
 
 from __future__ import annotations
@@ -120,7 +121,8 @@ def _check_options(args: argparse.Namespace) -> None:
 
 def _simulators(args: argparse.Namespace, pools: Sequence[str]) -> dict[str, SpmClient]:
     """One simulator per pool. Raises ValueError naming ``--state-dir`` when a pool's
-    directory cannot be made or used (the simulators made by then are closed)."""
+    directory cannot be made or used, or another simulator has it open (the simulators made by
+    then are closed, letting go of their directories)."""
     from spm._simulator import SimulatedSpm
 
     spms: dict[str, SpmClient] = {}

@@ -14,10 +14,17 @@ a frame: a 4-byte little-endian length, the CRC-32 of the payload, and the msgpa
   died mid-write) is cut off at the last good frame, reported, and the file truncated there.
 * :meth:`SimLog.rewrite` replaces the file with a compact snapshot atomically (temporary file,
   ``fsync``, ``rename``, ``fsync`` of the directory): a crash leaves either the old or the new file.
+* One simulator at a time uses a directory: opening it takes an exclusive ``flock`` on
+  ``spm-state.lock`` there, held until :meth:`SimLog.close` (or until the log is dropped, or its
+  process dies: the kernel releases the lock with the descriptor). A second opener, in this
+  process or another, gets :class:`StateDirInUseError` naming the directory (its rewrite would
+  replace the file under the first, which would go on writing to the unlinked old one).
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
 import os
 import struct
@@ -31,6 +38,7 @@ from typing import Any, Final
 import msgpack  # type: ignore[import-untyped]
 
 LOG_NAME: Final = "spm-state.log"
+LOCK_NAME: Final = "spm-state.lock"
 _HEADER: Final = struct.Struct("<II")
 _MAX_RECORD: Final = 64 * 1024 * 1024
 
@@ -69,14 +77,61 @@ def decode_all(data: bytes) -> tuple[list[Any], int]:
     return records, offset
 
 
+class StateDirInUseError(OSError):
+    """The state directory is open in another simulator (of this process or another one).
+
+    ``filename`` is the directory as it was given; ``strerror`` says who holds it.
+    """
+
+    def __str__(self) -> str:
+        return f"{self.filename}: {self.strerror}"
+
+
+def _lock_directory(directory: str, path: Path) -> int:
+    """Take the exclusive lock of a state directory; return the lock file's descriptor.
+
+    Raises StateDirInUseError when another open file description holds it, OSError when the
+    lock file cannot be opened.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        except OSError:
+            holder = ""
+        os.close(fd)
+        who = f" (process {holder})" if holder.isdigit() else ""
+        raise StateDirInUseError(errno.EWOULDBLOCK, f"in use by another simulator{who}",
+                                 directory) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    try:
+        # Who holds it, for the error a second opener gets; stale once the lock is gone.
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+    except OSError:
+        pass
+    return fd
+
+
 class SimLog:
     """The log file of one simulated SPM. Not thread-safe for writers: the simulator serialises
-    :meth:`append` under its lock; :meth:`sync_to` may be called from any thread."""
+    :meth:`append` under its lock; :meth:`sync_to` may be called from any thread.
+
+    Opening it takes the directory's lock (see the module docs): raises StateDirInUseError when
+    another simulator holds it, OSError when the directory cannot be made or used.
+    """
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.path = self.directory / LOG_NAME
+        self._lock_fd = _lock_directory(os.fspath(directory), self.directory / LOCK_NAME)
+        # A log dropped without close() (a simulated crash) still releases the lock.
+        self._unlock: Any = weakref.finalize(self, os.close, self._lock_fd)
         self._fd: int | None = None
         self._closer: Any = None
         self._written = 0
@@ -108,7 +163,7 @@ class SimLog:
 
     def rewrite(self, records: Iterable[Any]) -> None:
         """Replace the file with ``records``, atomically, and open it for appending."""
-        self.close()
+        self._close_file()
         tmp = self.path.with_name(self.path.name + ".tmp")
         with open(tmp, "wb") as f:
             chunk: list[bytes] = []
@@ -158,7 +213,14 @@ class SimLog:
                 self._synced = target
 
     def close(self) -> None:
-        """Close the file (records already appended stay in it)."""
+        """Close the file (records already appended stay in it) and release the directory's
+        lock, after the file is synced and closed."""
+        try:
+            self._close_file()
+        finally:
+            self._unlock()
+
+    def _close_file(self) -> None:
         with self._sync_lock:
             if self._fd is not None:
                 try:

@@ -401,8 +401,12 @@ class SimulatedSpm(SpmClient):
     waits for them to reach the disk (group-committed ``fsync``: survives a power loss too, at
     the disk's flush latency per call); the default leaves that to the kernel.
 
+    One simulator at a time uses a ``state_dir``: it holds the directory's lock until
+    :meth:`close` (or until it is dropped, or its process dies).
+
     Raises ValueError from the constructor when an argument is wrong (the message names it), and
-    OSError when ``state_dir`` cannot be used.
+    OSError when ``state_dir`` cannot be used: :class:`~spm._simlog.StateDirInUseError` (naming
+    the directory) while another simulator, in this process or another, has it open.
     """
 
     def __init__(
@@ -492,7 +496,11 @@ class SimulatedSpm(SpmClient):
         epoch = 0
         if state_dir is not None:
             self._log = SimLog(state_dir)
-            epoch = self._load(self._log.read())
+            try:
+                epoch = self._load(self._log.read())
+            except BaseException:
+                self._log.close()  # a simulator that is not made lets go of the directory
+                raise
         self._epoch = epoch
         if seed is None:
             self._rng = random.Random()
@@ -505,9 +513,13 @@ class SimulatedSpm(SpmClient):
             self._rng = random.Random(f"{seed}/{epoch}")
             self._id_rng = random.Random(f"{seed}/ids/{epoch}")
         if self._log is not None:
-            self._recover_unfinished(self._now)
-            self._pending.clear()
-            self._log.rewrite(self._snapshot())
+            try:
+                self._recover_unfinished(self._now)
+                self._pending.clear()
+                self._log.rewrite(self._snapshot())
+            except BaseException:
+                self._log.close()
+                raise
 
     # ---- SpmClient ----------------------------------------------------------------------------
 
@@ -691,7 +703,8 @@ class SimulatedSpm(SpmClient):
 
     def close(self) -> None:
         """Stop the simulator: later calls raise GenericError. With ``state_dir`` the log is
-        synced and closed; what it holds is what a new simulator on the directory recovers."""
+        synced and closed and the directory's lock released; what the log holds is what a new
+        simulator on the directory recovers."""
         with self._lock:
             if self._closed:
                 return

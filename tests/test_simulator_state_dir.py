@@ -1,7 +1,8 @@
 """The simulated SPM's state directory: a restarted simulator recovers like a new SPM.
 
 A crash is simulated by dropping the simulator without closing it (its log is never synced or
-closed by it), by cutting the log's last record, and by ``kill -9`` of a real process.
+closed by it; its finalizers let go of the files and the directory's lock, as the kernel does
+for a killed process), by cutting the log's last record, and by ``kill -9`` of a real process.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 import pytest
 
 from spm._errors import SpmError, UnknownTaskError
-from spm._simlog import LOG_NAME, encode
+from spm._simlog import LOG_NAME, StateDirInUseError, encode
 from spm._simulator import ABORTED_MESSAGE, SimulatedSpm
 
 POOL = "pool-1"
@@ -39,9 +40,10 @@ def create(img: str, vol: str) -> dict[str, Any]:
     return {"sdUUID": SD, "spUUID": POOL, "imgUUID": img, "volUUID": vol}
 
 
-def crash(spm: SimulatedSpm) -> None:
-    """Drop the simulator without closing it."""
-    del spm
+def crash() -> None:
+    """Let simulators the test dropped (``del``) without closing them go, as a killed process
+    does: their finalizers close the log and release the directory's lock, syncing and writing
+    nothing."""
     gc.collect()
 
 
@@ -62,7 +64,8 @@ def test_restart_keeps_finished_tasks_and_rolls_back_unfinished_ones(tmp_path: P
     queued = spm.fire("createVolume", create("img-3", "vol-1"))
     assert wire(spm, done) == SUCCESS
     objects = spm.objects()
-    crash(spm)
+    del spm
+    crash()
 
     restarted = SimulatedSpm(POOL, clock=FakeClock(100.0), state_dir=tmp_path)
     assert wire(restarted, done) == SUCCESS
@@ -87,7 +90,8 @@ def test_a_task_whose_end_passed_unobserved_before_the_crash_counts_as_unfinishe
     spm = SimulatedSpm(POOL, clock=clock, durations=1.0, state_dir=tmp_path)
     tid = spm.fire("createVolume", create("img-1", "vol-1"))
     clock.t = 50.0  # the job's end is due, but no call applied it
-    crash(spm)
+    del spm
+    crash()
     restarted = SimulatedSpm(POOL, clock=FakeClock(), state_dir=tmp_path)
     assert wire(restarted, tid) == ("finished", "cleanSuccess", 411)
     assert restarted.objects() == []
@@ -120,7 +124,8 @@ def test_with_fsync_every_answer_is_synced_and_reloads_the_same(tmp_path: Path) 
     cleared = spm.fire("createVolume", create("img-2", "vol-1"))
     assert wire(spm, cleared) == SUCCESS
     spm.clearTask(cleared)
-    crash(spm)
+    del spm
+    crash()
     restarted = SimulatedSpm(POOL, clock=FakeClock(), state_dir=tmp_path, fsync=True)
     assert set(restarted.getAllTasksStatuses()) == {done}
     assert len(restarted.objects()) == 4
@@ -132,7 +137,8 @@ def test_revert_in_progress_at_the_crash_completes_on_restart(tmp_path: Path) ->
     assert wire(spm, tid) == SUCCESS
     spm.revertTask(tid)
     assert spm.getTaskStatus(tid)["taskState"] == "cleaning"
-    crash(spm)
+    del spm
+    crash()
     restarted = SimulatedSpm(POOL, clock=FakeClock(), state_dir=tmp_path)
     assert wire(restarted, tid) == ("finished", "cleanSuccess", 0)
     assert restarted.objects() == []
@@ -142,7 +148,8 @@ def test_a_finished_task_reloaded_from_disk_can_still_be_reverted(tmp_path: Path
     spm = SimulatedSpm(POOL, clock=FakeClock(), state_dir=tmp_path)
     tid = spm.fire("createVolume", create("img-1", "vol-1"))
     assert wire(spm, tid) == SUCCESS
-    crash(spm)
+    del spm
+    crash()
     restarted = SimulatedSpm(POOL, clock=FakeClock(), state_dir=tmp_path)
     restarted.revertTask(tid)
     assert wire(restarted, tid) == ("finished", "cleanSuccess", 0)
@@ -160,7 +167,8 @@ def test_a_delete_image_reloaded_from_disk_keeps_the_image_removed(tmp_path: Pat
     assert wire(spm, done) == SUCCESS
     running = spm.fire("deleteImage", {**image, "imgUUID": "img-2"})  # removed by the call
     assert spm.objects() == []
-    crash(spm)
+    del spm
+    crash()
     restarted = SimulatedSpm(POOL, clock=FakeClock(), state_dir=tmp_path)
     # The purge caught running is aborted; neither task has a rollback that puts an image back.
     assert wire(restarted, running) == ("finished", "cleanSuccess", 411)
@@ -178,7 +186,8 @@ def test_a_delete_image_refused_as_a_duplicate_is_still_counted_after_a_restart(
     first = spm.fire("deleteImage", image)
     with pytest.raises(SpmError, match="Image does not exist"):
         spm.fire("deleteImage", image)
-    crash(spm)
+    del spm
+    crash()
     restarted = SimulatedSpm(POOL, clock=FakeClock(), state_dir=tmp_path)
     assert [(d.first_task_id, d.task_id) for d in restarted.duplicates()] == [(first, "")]
 
@@ -189,7 +198,8 @@ def test_torn_last_record_is_cut_off_and_the_rest_recovered(tmp_path: Path) -> N
     log = tmp_path / LOG_NAME
     size_before_last = log.stat().st_size
     last = spm.fire("createVolume", create("img-2", "vol-1"))
-    crash(spm)
+    del spm
+    crash()
     # The last write was cut short: only part of its frame reached the file.
     with open(log, "r+b") as f:
         f.truncate(log.stat().st_size - 3)
@@ -198,7 +208,8 @@ def test_torn_last_record_is_cut_off_and_the_rest_recovered(tmp_path: Path) -> N
     with pytest.raises(UnknownTaskError):
         restarted.getTaskStatus(last)
     assert log.stat().st_size > 0
-    crash(restarted)
+    del restarted
+    crash()
     # Garbage after a good record (a frame whose header promises more than is there).
     with open(log, "ab") as f:
         f.write(encode(["F", "x", "createVolume"])[:6])
@@ -218,13 +229,39 @@ def test_a_restarted_seeded_simulator_never_hands_out_an_old_task_id(tmp_path: P
             assert tid not in seen
             seen.add(tid)
             spm.clearTask(tid)
-        crash(spm)
+        del spm
+        crash()
 
 
 def test_a_state_dir_of_another_pool_is_refused(tmp_path: Path) -> None:
     SimulatedSpm(POOL, clock=FakeClock(), state_dir=tmp_path).close()
     with pytest.raises(ValueError, match="pool-1"):
         SimulatedSpm("pool-2", clock=FakeClock(), state_dir=tmp_path)
+    # The simulator that was not made let go of the directory.
+    SimulatedSpm(POOL, clock=FakeClock(), state_dir=tmp_path).close()
+
+
+def test_a_second_simulator_on_an_open_state_dir_is_refused_naming_it(tmp_path: Path) -> None:
+    clock = FakeClock()
+    first = SimulatedSpm(POOL, clock=clock, durations=1.0, state_dir=tmp_path)
+    tid = first.fire("createVolume", create("img-1", "vol-1"))
+    log = tmp_path / LOG_NAME
+    size = log.stat().st_size
+    with pytest.raises(StateDirInUseError) as err:
+        SimulatedSpm(POOL, clock=clock, state_dir=tmp_path)
+    assert isinstance(err.value, OSError)
+    assert str(err.value) == (
+        f"{tmp_path}: in use by another simulator (process {os.getpid()})")
+    assert log.stat().st_size == size  # the refused opener neither read nor rewrote the log
+    # The first goes on, and what it acknowledged is what the next opener finds.
+    clock.t = 1.0
+    assert wire(first, tid) == SUCCESS
+    first.clearTask(tid)
+    first.close()
+    again = SimulatedSpm(POOL, clock=clock, state_dir=tmp_path)
+    assert again.getAllTasksStatuses() == {}
+    assert len(again.objects()) == 2
+    again.close()
 
 
 def test_the_log_is_compacted_on_reopen(tmp_path: Path) -> None:
@@ -283,6 +320,9 @@ def test_kill_9_at_any_moment_loses_no_acknowledged_task_or_effect(
                 line = child.stdout.readline()
                 assert line, f"child ended early (seed={seed})"
                 lines.append(line.split())
+            # The directory is the live child's: no one else may open it meanwhile.
+            with pytest.raises(StateDirInUseError, match=f"process {child.pid}"):
+                SimulatedSpm(POOL, state_dir=state_dir)
         finally:
             os.kill(child.pid, signal.SIGKILL)
             child.wait(timeout=30)
@@ -297,7 +337,7 @@ def test_kill_9_at_any_moment_loses_no_acknowledged_task_or_effect(
         fired = {parts[1]: parts[2] for parts in lines if parts[0] == "F"}
         observed = {parts[1]: parts[2] for parts in lines if parts[0] == "S"}
         cleared = {parts[1] for parts in lines if parts[0] == "C"}
-        spm = SimulatedSpm(POOL, state_dir=state_dir)
+        spm = SimulatedSpm(POOL, state_dir=state_dir)  # the killed child's lock went with it
         statuses = spm.getAllTasksStatuses()
         volumes = {o.img_uuid: o for o in spm.objects() if o.kind == "volume"}
         why = f"seed={seed} round={round_} lines={lines_before_kill}"

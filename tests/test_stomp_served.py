@@ -4,6 +4,7 @@ chains running across a server restart."""
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import subprocess
@@ -301,6 +302,24 @@ def test_state_dir_that_cannot_be_used_exits_2_naming_the_option(
     err = capsys.readouterr().err
     assert err.startswith("spmchain spm serve: --state-dir: ") and err.count("\n") == 1, err
     assert "'another'" in err and "state_dir" not in err.replace(str(tmp_path), "")
+
+
+def test_state_dir_in_use_by_another_simulator_exits_2_naming_it(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    simulator = pytest.importorskip("spm._simulator")
+    state = tmp_path / "state"
+    held = simulator.SimulatedSpm("pool-1", state_dir=state / "pool-1")
+    try:
+        argv = ["--listen", "127.0.0.1:0", "--pools", "2", "--state-dir", str(state)]
+        assert serve_main(argv) == 2
+        err = capsys.readouterr().err
+        assert err == (f"spmchain spm serve: --state-dir: {state / 'pool-1'}: in use by "
+                       f"another simulator (process {os.getpid()})\n")
+    finally:
+        held.close()
+    # pool-0's simulator, made before pool-1 was refused, was closed and let go of its directory.
+    simulator.SimulatedSpm("pool-0", state_dir=state / "pool-0").close()
 
 
 def test_a_server_that_does_not_start_leaves_no_process_and_no_file(
