@@ -124,12 +124,12 @@ class SpmTaskActor(Supervised, ThreadActor):
     # -- lifecycle -------------------------------------------------------------------------
 
     def _begin(self) -> None:
-        if self.discarding:
-            # Discards a failed predecessor left half done: watch them afresh, so that their
-            # end is reported to this actor, which reverts (if need be) and clears them.
-            now = time.monotonic()
-            self.core.tell_poller(self.pool, m.Watch(tuple(
-                m.Watched(task_id, None, "", now, _NEVER) for task_id in self.discarding)))
+        # Every task a predecessor fired and did not clear, and every discard it left half
+        # done, watched afresh: a Watch it sent may have been lost with a poller that failed
+        # meanwhile, and a chain that never heard of its task cannot adopt it (the resync
+        # that follows tells it). The ends are reported to their chains, and the discards'
+        # to this actor, which reverts (if need be) and clears them.
+        self._rewatch()
         # What recovery found (kept in the pool's state until done: should this actor fail
         # first, its successor does it). Tasks found on the SPM that no chain owns hold the
         # pool (``ps.hold``, set by recovery): a chain whose step was being fired when the

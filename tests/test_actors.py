@@ -18,6 +18,7 @@ from conftest import FAST, WAIT, EndLog, ScriptedSpm, chain, step
 from actors._chain import ENDED_SUCCESSFULLY, ENDED_WITH_FAILURE, TaskFired
 from actors._command import CommandActor
 from actors._faults import FaultInjector, InjectedFault
+from actors._messages import Rewatch, Watch
 from actors._runtime import ChainHandle, Runtime, RuntimeOptions, RuntimeStoppedError, _Core
 from actors._spm_task import SpmTaskActor
 from actors._supervisor import DEFAULT_SUPERVISION, ChildSpec
@@ -494,14 +495,18 @@ def test_a_rebuilt_spm_task_actor_tells_a_chain_again_the_task_it_fired_for_it(
     make_runtime: MakeRuntime, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The chain never heard that its step was fired (the TaskFired was lost with its failing
-    actor, and its rebuilt actor's request with a failing SpmTaskActor); the resync of the
-    rebuilt SpmTaskActor asks for that step again: the chain is told the task fired for it
-    (it ignored the task's end, not knowing it as its own, and waited forever)."""
+    actor, and its rebuilt actor's request with a failing SpmTaskActor), and the poller never
+    heard it should watch the task (lost with a failing poller); the rebuilt SpmTaskActor
+    watches every task it owns again, and its resync, asking for that step again, tells the
+    chain the task fired for it (it ignored the task's end, not knowing it as its own, and
+    waited forever)."""
     spm = ScriptedSpm(pool="A")
-    rt = make_runtime(spm)
+    rt = make_runtime(spm, orphan_grace_s=3600.0)
     faults = scripted_faults(rt)
     real_tell = _Core.tell_chain
+    real_tell_poller = _Core.tell_poller
     dropped: list[str] = []
+    unwatched: list[str] = []
 
     def losing_the_first_task_fired(self: _Core, chain_id: str, event: Any,
                                     seen_at: float | None = None) -> bool:
@@ -510,14 +515,23 @@ def test_a_rebuilt_spm_task_actor_tells_a_chain_again_the_task_it_fired_for_it(
             return True
         return real_tell(self, chain_id, event, seen_at)
 
+    def losing_the_first_watch(self: _Core, pool: str, message: Any) -> None:
+        if isinstance(message, Watch) and not unwatched:
+            unwatched.append(message.tasks[0].task_id)
+            return
+        real_tell_poller(self, pool, message)
+
     monkeypatch.setattr(_Core, "tell_chain", losing_the_first_task_fired)
+    monkeypatch.setattr(_Core, "tell_poller", losing_the_first_watch)
     handle = rt.submit(chain("A", step("a"), step("b")))
     task = spm.wait_fired(1)[0]
     spm.wait_polls(3)
-    assert dropped == [task.task_id]
+    assert dropped == [task.task_id] and unwatched == [task.task_id]
     assert rt.chains()[0].steps[0].task_id is None  # the chain does not know its task
-    faults.plan([("spm_task", 0)])  # the next message it handles (the Finished) fails it
-    spm.finish(task.task_id)
+    spm.finish(task.task_id)  # nobody hears of it
+    spm.wait_polls(3)
+    faults.plan([("spm_task", 0)])  # the next message it handles fails it
+    rt._core.tell_task_actor("A", Rewatch())  # type: ignore[union-attr]
     assert faults.done.wait(WAIT)
     spm.finish(spm.wait_fired(2)[1].task_id)
     assert handle.result(WAIT).succeeded
