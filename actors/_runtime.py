@@ -1034,6 +1034,8 @@ class Runtime:
                 pass
         core.scheduler.stop()
         core.workers.shutdown(max(0.1, deadline - time.monotonic()))
+        # Left live (a later runtime resumes them): out of this runtime's in-flight.
+        self.metrics.chains_left(len(core.chains))
         self._close_store()
         if self.metrics_server is not None:
             self.metrics_server.stop()

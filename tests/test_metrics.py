@@ -432,3 +432,30 @@ def test_wsgi_app_serves_the_exposition(metrics: RuntimeMetrics) -> None:
     assert started[0][0] == "200 OK"
     assert 'spmchain_chains_started_total{command_type="LiveMigrateDisk"} 1.0' in body
     assert "spmchain_chains_in_flight 1.0" in body
+
+
+def test_actor_restarts_exist_at_zero_for_every_kind_from_the_start(
+    metrics: RuntimeMetrics,
+) -> None:
+    # increase() over a counter that appears at its first restart misses that restart.
+    for kind in ("command", "spm_task", "poller"):
+        assert value(metrics, "spmchain_actor_restarts_total", kind=kind) == 0
+    metrics.actor_restarted("poller")
+    assert value(metrics, "spmchain_actor_restarts_total", kind="poller") == 1
+
+
+def test_reaction_buckets_tell_apart_the_reactions_the_project_targets() -> None:
+    # A reaction within the minimum poll interval (20 ms) plus 20 ms: 20, 30 and 40 ms.
+    for edge in (0.02, 0.03, 0.04):
+        assert edge in REACTION_LATENCY_BUCKETS
+
+
+def test_chains_a_runtime_stopped_with_leave_the_in_flight(metrics: RuntimeMetrics) -> None:
+    for _ in range(3):
+        metrics.chain_started("t")
+    metrics.chain_ended(ENDED_SUCCESSFULLY, "t")
+    metrics.chains_left(2)  # stopped with two live
+    assert value(metrics, "spmchain_chains_in_flight") == 0
+    metrics.chain_resumed("t")  # resumed by the next runtime on these metrics
+    metrics.chain_resumed("t")
+    assert value(metrics, "spmchain_chains_in_flight") == 2

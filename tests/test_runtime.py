@@ -22,6 +22,7 @@ from actors._spec import (
 )
 from actors._store import StoreError
 from actors._store_memory import MemoryStore
+from metrics._metrics import RuntimeMetrics
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -513,3 +514,28 @@ def test_a_store_passed_to_one_runtime_after_another_tells_the_second_when_it_fa
     # A runtime given a store that has failed refuses to start, naming the failure.
     with pytest.raises(StoreError, match=r"has failed.*No space left"):
         Runtime([ScriptedSpm(pool="A")], RuntimeOptions(**FAST), store=store).start()
+
+
+def test_metrics_shared_by_a_runtime_and_the_one_resuming_its_chains_count_them_once() -> None:
+    store = MemoryStore()
+    metrics = RuntimeMetrics()
+    spm = ScriptedSpm(pool="A")
+    first = Runtime([spm], RuntimeOptions(**FAST), store=store, metrics=metrics).start()
+    try:
+        for _ in range(3):
+            first.submit(chain("A", step("create")))
+        spm.wait_fired(3)
+    finally:
+        first.stop()
+    assert metrics.registry.get_sample_value("spmchain_chains_in_flight") == 0
+    second = Runtime([spm], RuntimeOptions(**FAST), store=store, metrics=metrics).start()
+    try:
+        assert len(second.recovered) == 3
+        assert metrics.registry.get_sample_value("spmchain_chains_in_flight") == 3
+        for task in spm.fired:
+            spm.finish(task.task_id)
+        for handle in second.recovered:
+            assert handle.result(WAIT).succeeded
+        assert metrics.registry.get_sample_value("spmchain_chains_in_flight") == 0
+    finally:
+        second.stop()
