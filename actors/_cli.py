@@ -122,6 +122,7 @@ def _add_loadtest(sub: Any) -> None:
     p.add_argument("--json", metavar="FILE", default=None, help="write the report as JSON")
     add_metrics_arguments(p)
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO")
+    p.set_defaults(subparser=p)  # errors found after parsing are said as the subcommand's
 
 
 def add_metrics_arguments(p: argparse.ArgumentParser) -> None:
@@ -174,13 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _loadtest(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+def _loadtest(args: argparse.Namespace) -> int:
     from actors._loadtest import LoadtestConfig, run_loadtest, summary_table, write_json
     from actors._store import StoreError
     from spm._errors import SpmError
 
     if args.poll_max_ms < args.poll_min_ms:
-        parser.error(f"argument --poll-max-ms: must not be below --poll-min-ms "
+        args.subparser.error(f"argument --poll-max-ms: must not be below --poll-min-ms "
                      f"({args.poll_max_ms:g} < {args.poll_min_ms:g})")
 
     cfg = LoadtestConfig(
@@ -223,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = logging.INFO if getattr(args, "verbose", False) else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "loadtest":
-        return _loadtest(args, parser)
+        return _loadtest(args)
     run = getattr(args, "run", None)
     if run is not None:
         return int(run(args))

@@ -174,6 +174,18 @@ def test_an_option_the_runtime_cannot_take_is_refused_by_the_parser(
     assert option in capsys.readouterr().err
 
 
+def test_poll_max_below_poll_min_is_refused_with_the_loadtest_usage(
+    nothing_runs: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["loadtest", "--poll-min-ms", "500", "--poll-max-ms", "100"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: spmchain loadtest ")
+    assert ("spmchain loadtest: error: argument --poll-max-ms: must not be below --poll-min-ms "
+            "(100 < 500)") in err
+
+
 def test_an_spm_url_with_nothing_listening_raises_an_spm_error_before_any_chain(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
