@@ -50,7 +50,7 @@ from types import FrameType
 from typing import IO, Any, TextIO
 
 from actors._chain import ENDED_SUCCESSFULLY, ENDED_WITH_FAILURE, step_fields
-from actors._cli import _count, _positive_float, _positive_int, _rate
+from actors._cli import _count, _positive_float, _positive_int, _rate, report_path_problem
 from actors._engine import workload
 from actors._snapshot import SnapshotError, decode_snapshot
 from actors._spec import ChainSpec
@@ -886,11 +886,18 @@ def summary_table(report: dict[str, Any]) -> str:
 
 
 def write_json(report: dict[str, Any], path: str) -> None:
+    """Write ``report`` to ``path`` (through ``path.tmp``, replaced at once). Raises OSError
+    when it cannot be written; nothing is left behind then."""
     tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2, sort_keys=True, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2, sort_keys=True, default=str)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 # ----------------------------------------------------------------------------------------------
@@ -971,7 +978,9 @@ def _signals_stop(stop: threading.Event) -> Iterator[None]:
 
 def run(args: argparse.Namespace) -> int:
     """``spmchain chaos``: 0 when every invariant holds, 1 when one fails, 2 when the run could
-    not be carried out (bad options, the SPM did not start), 130 when interrupted."""
+    not be carried out (bad options, a ``--json`` file that cannot be written, the SPM did not
+    start) or its report could not be written at the end (after the summary), 130 when
+    interrupted."""
     if args.poll_max_ms < args.poll_min_ms:
         print(f"spmchain chaos: --poll-max-ms ({args.poll_max_ms:g}) is below --poll-min-ms "
               f"({args.poll_min_ms:g})", file=sys.stderr)
@@ -979,6 +988,11 @@ def run(args: argparse.Namespace) -> int:
     if args.kills and not args.chains:
         print("spmchain chaos: --kills needs chains to run (--chains 0)", file=sys.stderr)
         return 2
+    if args.json:
+        problem = report_path_problem(args.json)
+        if problem is not None:
+            print(f"spmchain chaos: --json {args.json}: {problem}", file=sys.stderr)
+            return 2
     cfg = ChaosConfig(
         chains=args.chains, steps=args.steps, pools=args.pools, kills=args.kills,
         failovers=args.failovers, seed=args.seed, actor_fault_rate=args.actor_fault_rate,
@@ -1000,7 +1014,12 @@ def run(args: argparse.Namespace) -> int:
         return 130
     print(summary_table(report))
     if args.json:
-        write_json(report, args.json)
+        try:
+            write_json(report, args.json)
+        except OSError as exc:  # the directory went away or filled up during the run
+            print(f"spmchain chaos: --json {args.json}: the report could not be written: "
+                  f"{exc.strerror or exc}", file=sys.stderr)
+            return 2
         print(f"report written to {args.json}")
     return 0 if report["ok"] else 1
 

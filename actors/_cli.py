@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -71,6 +73,31 @@ def parse_duration_ms(text: str) -> Any:
     if kind == "uniform" and nums[0] > nums[1]:
         raise argparse.ArgumentTypeError(f"--task-ms {text!r}: LO is above HI")
     return (kind, *[n / 1000.0 for n in nums])
+
+
+def report_path_problem(path: str) -> str | None:
+    """Why a report could not be written to ``path`` (``--json``), or None: checked before a
+    run, so that a run is not thrown away at its end. The directory must exist and take a new
+    file (one is created and removed, as the report's temporary file will be), and ``path``
+    must not be a directory."""
+    if os.path.isdir(path):
+        return "is a directory"
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        if os.path.exists(directory):
+            return f"{directory} is not a directory"
+        return f"directory {directory} does not exist"
+    probe = f"{path}.tmp"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return f"{probe} is a directory" if os.path.isdir(probe) else None
+    except OSError as exc:
+        return f"cannot create a file in {directory}: {exc.strerror or exc}"
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(probe)
+    return None
 
 
 def _add_loadtest(sub: Any) -> None:
@@ -194,6 +221,11 @@ def _loadtest(args: argparse.Namespace) -> int:
         store=None if args.store == "none" else args.store,
         metrics_port=args.metrics_port, metrics_addr=args.metrics_addr,
     )
+    if args.json:
+        problem = report_path_problem(args.json)
+        if problem is not None:
+            print(f"spmchain loadtest: error: --json {args.json}: {problem}", file=sys.stderr)
+            return 2
     try:
         report = run_loadtest(cfg)
     except (ValueError, SpmError, StoreError, OSError) as exc:
@@ -203,7 +235,12 @@ def _loadtest(args: argparse.Namespace) -> int:
         return 2
     print(summary_table(report))
     if args.json:
-        write_json(report, args.json)
+        try:
+            write_json(report, args.json)
+        except OSError as exc:  # the directory went away or filled up during the run
+            print(f"spmchain loadtest: error: --json {args.json}: the report could not be "
+                  f"written: {exc.strerror or exc}", file=sys.stderr)
+            return 2
         print(f"report written to {args.json}")
     ok = (
         report["not_ended"] == 0

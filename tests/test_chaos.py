@@ -226,6 +226,52 @@ def test_chaos_exits_1_when_an_invariant_fails(
     assert json.loads(out.read_text())["lost"] == 1
 
 
+def holding_report() -> dict[str, Any]:
+    """What run_chaos returns for a run where every check holds (3 chains of 2 steps)."""
+    specs = workload(3, 2, POOLS, 1)
+    report = check_invariants(specs, [ended(s) for s in specs], ledgers_for(specs), NO_TASKS)
+    report.update({"seed": 1, "kills": 0, "failovers": 0, "engine_runs": 1,
+                   "engine_failures": 0, "wall_s": 1.0, "workdir": None})
+    return report
+
+
+def test_chaos_refuses_a_json_file_that_cannot_be_written_before_the_run(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("run_chaos was called despite a --json it cannot write")
+
+    monkeypatch.setattr(_chaos, "run_chaos", refuse)
+    path = tmp_path / "missing" / "chaos.json"
+    assert main(["chaos", "--chains", "3", "--kills", "0", "--json", str(path)]) == 2
+    assert capsys.readouterr().err == (f"spmchain chaos: --json {path}: directory "
+                                       f"{tmp_path / 'missing'} does not exist\n")
+    assert main(["chaos", "--chains", "3", "--kills", "0", "--json", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"spmchain chaos: --json {tmp_path}: is a directory\n"
+
+
+def test_chaos_exits_2_after_the_summary_when_the_report_cannot_be_written_at_the_end(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    reports = tmp_path / "reports"
+    reports.mkdir()
+
+    def run_then_remove_the_directory(cfg: Any, out: Any = None, stop: Any = None
+                                      ) -> dict[str, Any]:
+        reports.rmdir()
+        return holding_report()
+
+    monkeypatch.setattr(_chaos, "run_chaos", run_then_remove_the_directory)
+    path = reports / "chaos.json"
+    assert main(["chaos", "--chains", "3", "--steps", "2", "--kills", "0", "--json",
+                 str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert "every invariant holds" in out
+    assert "report written" not in out
+    assert err == (f"spmchain chaos: --json {path}: the report could not be written: "
+                   "No such file or directory\n")
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

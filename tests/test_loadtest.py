@@ -230,6 +230,49 @@ def test_errors_the_parser_cannot_see_end_the_command_with_one_line_and_exit_2(
     assert "steps/s" not in captured.out  # nothing ran
 
 
+@pytest.mark.parametrize(
+    ("where", "problem"),
+    [
+        ("missing/x.json", "directory {tmp}/missing does not exist"),
+        (".", "is a directory"),
+        ("a-file/x.json", "{tmp}/a-file is not a directory"),
+    ],
+)
+def test_a_json_file_that_cannot_be_written_is_refused_before_the_run(
+    where: str, problem: str, tmp_path: Path, nothing_runs: None,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    (tmp_path / "a-file").write_text("")
+    path = os.path.normpath(tmp_path / where)
+    assert main(["loadtest", "--chains", "5", "--json", path]) == 2
+    out, err = capsys.readouterr()
+    assert err == f"spmchain loadtest: error: --json {path}: {problem.format(tmp=tmp_path)}\n"
+    assert out == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]  # nothing left behind
+
+
+def test_a_report_that_cannot_be_written_after_the_run_exits_2_after_the_summary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    run = _loadtest.run_loadtest
+
+    def run_then_remove_the_directory(cfg: LoadtestConfig, **kwargs: Any) -> dict[str, Any]:
+        report = run(cfg, **kwargs)
+        reports.rmdir()
+        return report
+
+    monkeypatch.setattr(_loadtest, "run_loadtest", run_then_remove_the_directory)
+    path = reports / "x.json"
+    assert main(["loadtest", "--chains", "5", "--store", "none", "--json", str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert re.search(r"^  ended_successfully +5$", out, re.M)  # the summary is there
+    assert "report written" not in out
+    assert err == (f"spmchain loadtest: error: --json {path}: the report could not be "
+                   "written: No such file or directory\n")
+
+
 @pytest.fixture
 def served() -> Iterator[ServedSpm]:
     with served_spm("--pools", "2") as s:
