@@ -230,7 +230,8 @@ def _loadtest(args: argparse.Namespace) -> int:
         report = run_loadtest(cfg)
     except (ValueError, SpmError, StoreError, OSError) as exc:
         # What the arguments lead to and the parser cannot see: an SPM that is not there,
-        # fewer pools than asked, a store that cannot be opened. Said in one line.
+        # fewer pools than asked, a store that cannot be opened, a metrics address that cannot
+        # be served. Said in one line.
         print(f"spmchain loadtest: error: {exc}", file=sys.stderr)
         return 2
     print(summary_table(report))

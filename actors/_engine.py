@@ -31,7 +31,7 @@ from typing import TextIO
 
 from actors._chain import ENDED_SUCCESSFULLY, ENDED_WITH_FAILURE
 from actors._cli import _count, _positive_float, _positive_int, _rate, add_metrics_arguments
-from actors._loadtest import chain_spec
+from actors._loadtest import chain_spec, start_runtime
 from actors._runtime import (
     ChainHandle,
     ChainResult,
@@ -182,7 +182,7 @@ def run_engine(cfg: EngineConfig, out: TextIO | None = None) -> int:
                  metrics_addr=cfg.metrics_addr)
     try:
         try:
-            rt.start()
+            start_runtime(rt, cfg.metrics_port, cfg.metrics_addr)
         except (SpmError, StoreError) as exc:
             raise EngineError(f"recovery failed: {exc}") from exc
         return _run_started(cfg, rt, spms, specs, wanted, out, t0)

@@ -156,6 +156,22 @@ def build_spms(cfg: LoadtestConfig, pools: Sequence[str]) -> dict[str, SpmClient
     }
 
 
+def start_runtime(rt: Runtime, metrics_port: int | None, metrics_addr: str) -> None:
+    """Start ``rt``; when its metrics server cannot serve at ``metrics_addr:metrics_port`` (an
+    address that does not resolve or is not on this host, a port in use), raise ValueError
+    naming ``--metrics-addr`` and ``--metrics-port`` with both values and the cause. Other
+    errors of the start (the store, the SPM) are raised as they are."""
+    try:
+        rt.start()
+    except (OSError, ValueError) as exc:
+        # The runtime starts its metrics server first: no server means it was the one.
+        if metrics_port is None or rt.metrics_server is not None:
+            raise
+        cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ValueError(f"--metrics-addr {metrics_addr} --metrics-port {metrics_port}: "
+                         f"cannot serve metrics there: {cause}") from exc
+
+
 def run_loadtest(
     cfg: LoadtestConfig,
     out: TextIO | None = None,
@@ -227,11 +243,19 @@ def run_loadtest(
     rt = Runtime(spms, options, store=store, metrics_port=cfg.metrics_port,
                  metrics_addr=cfg.metrics_addr)
     rt.add_done_callback(on_end)
+    try:
+        start_runtime(rt, cfg.metrics_port, cfg.metrics_addr)
+    except BaseException:
+        for client in spms.values():
+            client.close()
+        if tmpdir is not None:
+            tmpdir.cleanup()
+        raise
     steps_before = _steps_fired(rt)
     usage0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     timed_out = False
-    with rt:
+    try:
         if rt.metrics_server is not None:
             out.write(f"loadtest: metrics at {rt.metrics_server.url}\n")
             out.flush()
@@ -268,6 +292,8 @@ def run_loadtest(
         progress.show(counts["ok"] + counts["failed"], counts["failed"], steps, final=True)
         live = len(rt.chains())
         store_stats = rt.store.stats() if rt.store is not None else None
+    finally:
+        rt.stop()
     if tmpdir is not None:
         tmpdir.cleanup()
     report: dict[str, Any] = {

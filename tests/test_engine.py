@@ -157,6 +157,19 @@ def test_engine_says_when_nothing_answers_at_the_spm_address(
     assert f"the SPM at stomp://127.0.0.1:{port} does not answer" in capsys.readouterr().err
 
 
+def test_engine_says_which_option_when_the_metrics_address_cannot_be_served(
+    tmp_path: Path, spm: ServedSpm, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # 192.0.2.1 (TEST-NET-1) is on no host: binding it fails at once, without asking DNS.
+    code = main(["engine", "--spm", spm.url, "--store", str(tmp_path / "s.sqlite"),
+                 "--pools", "1", "--chains", "1", "--metrics-port", "0",
+                 "--metrics-addr", "192.0.2.1"])
+    assert code == 2
+    assert capsys.readouterr().err == (
+        "spmchain engine: --metrics-addr 192.0.2.1 --metrics-port 0: cannot serve metrics "
+        "there: Cannot assign requested address\n")
+
+
 @pytest.mark.parametrize(
     ("argv", "status", "message"),
     [

@@ -273,6 +273,27 @@ def test_a_report_that_cannot_be_written_after_the_run_exits_2_after_the_summary
                    "written: No such file or directory\n")
 
 
+def test_a_metrics_address_that_cannot_be_served_is_one_line_naming_both_options(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # 192.0.2.1 (TEST-NET-1) is on no host: binding it fails at once, without asking DNS.
+    assert main(["loadtest", "--chains", "3", "--store", "none", "--metrics-port", "0",
+                 "--metrics-addr", "192.0.2.1"]) == 2
+    out, err = capsys.readouterr()
+    assert err == ("spmchain loadtest: error: --metrics-addr 192.0.2.1 --metrics-port 0: "
+                   "cannot serve metrics there: Cannot assign requested address\n")
+    assert "steps/s" not in out  # nothing ran
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["loadtest", "--chains", "3", "--store", "none",
+                     "--metrics-port", str(port)]) == 2
+    assert capsys.readouterr().err == (
+        f"spmchain loadtest: error: --metrics-addr 127.0.0.1 --metrics-port {port}: "
+        "cannot serve metrics there: Address already in use\n")
+
+
 @pytest.fixture
 def served() -> Iterator[ServedSpm]:
     with served_spm("--pools", "2") as s:
