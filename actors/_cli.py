@@ -244,7 +244,8 @@ def _loadtest(args: argparse.Namespace) -> int:
             return 2
         print(f"report written to {args.json}")
     ok = (
-        report["not_ended"] == 0
+        report["stopped_reason"] is None
+        and report["not_ended"] == 0
         and report["duplicated_effects"] in (0, None)
         and report["leftover_effects"] in (0, None)
     )

@@ -178,7 +178,12 @@ def run_loadtest(
     progress_every_s: float = 2.0,
     on_runtime: Callable[[Runtime], None] | None = None,
 ) -> dict[str, Any]:
-    """Run the load test and return its report (what ``--json`` writes)."""
+    """Run the load test and return its report (what ``--json`` writes).
+
+    The run ends when every chain has ended, when ``cfg.timeout_s`` passes (``timed_out``), or
+    as soon as the runtime stops by itself, a supervisor escalation (``stopped_reason`` says
+    why; None otherwise). Raises ValueError, SpmError, StoreError or OSError when it cannot
+    start (nothing runs then)."""
     out = out or sys.stdout
     if cfg.spm_url:
         from spm._stomp_client import connected_pools
@@ -273,6 +278,8 @@ def run_loadtest(
         running_samples: list[int] = []
         waiting_samples: list[int] = []
         while not all_done.wait(0.1):
+            if rt.stopped_reason is not None:  # the supervisor escalated: nothing more ends
+                break
             adm = rt.admission().values()
             running_samples.append(sum(a.running for a in adm))
             waiting_samples.append(sum(a.waiting for a in adm))
@@ -285,6 +292,7 @@ def run_loadtest(
                 timed_out = True
                 break
         wall = time.perf_counter() - t0
+        stopped_reason = rt.stopped_reason  # before this run's own stop says "runtime stopped"
         usage1 = resource.getrusage(resource.RUSAGE_SELF)
         cpu_s = (usage1.ru_utime - usage0.ru_utime) + (usage1.ru_stime - usage0.ru_stime)
         commit_s = _sample_sum(rt, "spmchain_snapshot_commit_seconds")
@@ -304,6 +312,7 @@ def run_loadtest(
         "ended_with_failure": counts["failed"],
         "not_ended": cfg.chains - counts["ok"] - counts["failed"],
         "timed_out": timed_out,
+        "stopped_reason": stopped_reason,
         "steps_fired": steps,
         "reverts_fired": _reverts_fired(rt),
         "wall_s": round(wall, 3),
@@ -514,6 +523,8 @@ def summary_table(report: dict[str, Any]) -> str:
         ("ended_successfully", report["ended_successfully"]),
         ("ended_with_failure", report["ended_with_failure"]),
         ("not ended", report["not_ended"]),
+        *([("runtime stopped", report["stopped_reason"])]
+          if report.get("stopped_reason") else []),
         ("steps fired", report["steps_fired"]),
         ("reverts fired", report["reverts_fired"]),
         ("wall", f"{report['wall_s']:.2f} s"),

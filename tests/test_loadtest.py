@@ -352,6 +352,7 @@ def test_a_small_durable_run_exits_0_and_writes_every_field_of_the_report(
     assert (r["chains"], r["steps"], r["pools"]) == (120, 3, 2)
     assert (r["ended_successfully"], r["ended_with_failure"], r["not_ended"]) == (120, 0, 0)
     assert r["timed_out"] is False
+    assert r["stopped_reason"] is None
     assert r["live_chains_at_end"] == 0
     assert r["steps_fired"] == 120 * 3
     assert r["reverts_fired"] == 0
@@ -393,6 +394,7 @@ def test_a_small_durable_run_exits_0_and_writes_every_field_of_the_report(
     out = capsys.readouterr().out
     assert f"report written to {tmp_path / 'report.json'}" in out
     assert "120/120 chains ended" in out
+    assert "runtime stopped" not in out
     assert re.search(r"^  bounded by +" + re.escape(r["bounded_by"]) + "$", out, re.M)
 
 
@@ -472,6 +474,27 @@ def test_a_run_that_times_out_reports_the_chains_not_ended_and_exits_1(
     assert r["not_ended"] > 0
     assert r["ended_successfully"] + r["ended_with_failure"] + r["not_ended"] == 40
     assert r["live_chains_at_end"] == r["not_ended"]
+
+
+def test_a_run_whose_runtime_stops_ends_at_once_says_why_and_exits_1(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = _loadtest.LoadtestConfig
+
+    def with_failing_spm_task_actors(**kwargs: Any) -> LoadtestConfig:
+        return config(**kwargs, options={"fault_rates": {"spm_task": 1.0}, "fault_seed": 1})
+
+    monkeypatch.setattr(_loadtest, "LoadtestConfig", with_failing_spm_task_actors)
+    code, r = loadtest(tmp_path, "--chains", "40", "--steps", "2", "--pools", "1",
+                       "--store", "memory", "--timeout", "30")
+    assert code == 1
+    assert r["stopped_reason"].startswith("supervisor escalated: spm_task actors failed")
+    assert r["timed_out"] is False  # it did not wait out --timeout
+    assert r["wall_s"] < 15
+    assert r["not_ended"] > 0
+    out = capsys.readouterr().out
+    assert re.search(r"^  runtime stopped +supervisor escalated: spm_task actors failed", out,
+                     re.M)
 
 
 def test_zero_chains_is_a_valid_empty_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]
