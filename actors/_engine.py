@@ -14,8 +14,11 @@ moment and to run again with the same options:
    chain recorded the outcome; see ``--drain-timeout``), and prints a final ``ended …`` line.
 
 Exit status: 0 when every chain of the workload has ended; 1 when the runtime stopped first
-(a supervisor escalation: the reason is printed), the SPM or the store could not be used, a
-chain's snapshot was quarantined (it can never end), or ``--timeout`` passed; 130 on SIGINT.
+(a supervisor escalation: the reason is printed), the store failed while chains ran, a chain's
+snapshot was quarantined (it can never end), or ``--timeout`` passed; 2 when it could not run,
+as ``spmchain loadtest``: a bad option, an SPM that does not answer within
+``--connect-timeout`` or serves fewer pools than ``--pools``, a store that cannot be opened or
+recovered, a metrics address that cannot be served; 130 on SIGINT.
 """
 
 from __future__ import annotations
@@ -112,7 +115,13 @@ class EngineConfig:
 
 
 class EngineError(Exception):
-    """The engine cannot go on; the message says why (printed, exit status 1)."""
+    """The engine cannot go on; the message says why (printed). ``status`` is the exit status:
+    2 when it could not run at all (the SPM, the pools, the store at start), 1 when it failed
+    while chains ran."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def _say(out: TextIO, text: str) -> None:
@@ -134,12 +143,14 @@ def _served_pools(url: str, wanted: int, timeout_s: float = 30.0) -> list[str]:
             break
         except SpmError as exc:
             if time.monotonic() + delay > deadline:
-                raise EngineError(f"the SPM at {url} does not answer: {exc}") from exc
+                raise EngineError(f"the SPM at {url} does not answer: {exc}",
+                                  status=2) from exc
             wait.wait(delay)
             delay = min(delay * 2, 1.0)
     if len(served) < wanted:
         raise EngineError(f"the SPM at {url} serves {len(served)} pools "
-                          f"({', '.join(served) or 'none'}); --pools asks for {wanted}")
+                          f"({', '.join(served) or 'none'}); --pools asks for {wanted}",
+                          status=2)
     return served[:wanted]
 
 
@@ -157,8 +168,9 @@ def _uncleared(spms: Mapping[str, SpmClient]) -> int | None:
 def run_engine(cfg: EngineConfig, out: TextIO | None = None) -> int:
     """Run the engine (see the module's docstring); its exit status.
 
-    Raises EngineError when it cannot start or go on (the SPM, the store, the pools), and lets
-    KeyboardInterrupt through after stopping the runtime.
+    Raises EngineError when it cannot start or go on (the SPM, the store, the pools; its
+    ``status`` says which), ValueError for an SPM URL or a metrics address that cannot be used,
+    and lets KeyboardInterrupt through after stopping the runtime.
     """
     out = out or sys.stdout
     t0 = time.monotonic()
@@ -184,7 +196,7 @@ def run_engine(cfg: EngineConfig, out: TextIO | None = None) -> int:
         try:
             start_runtime(rt, cfg.metrics_port, cfg.metrics_addr)
         except (SpmError, StoreError) as exc:
-            raise EngineError(f"recovery failed: {exc}") from exc
+            raise EngineError(f"recovery failed: {exc}", status=2) from exc
         return _run_started(cfg, rt, spms, specs, wanted, out, t0)
     finally:
         rt.stop()
@@ -368,7 +380,10 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         return run_engine(cfg)
-    except (EngineError, StoreError, SpmError) as exc:
+    except EngineError as exc:
+        print(f"spmchain engine: {exc}", file=sys.stderr)
+        return exc.status
+    except (StoreError, SpmError) as exc:  # while chains ran
         print(f"spmchain engine: {exc}", file=sys.stderr)
         return 1
     except ValueError as exc:  # a URL that is not stomp://, a bad option reaching the runtime

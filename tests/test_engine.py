@@ -139,7 +139,7 @@ def test_engine_refuses_more_pools_than_the_spm_serves(
 ) -> None:
     code = main(["engine", "--spm", spm.url, "--store", str(tmp_path / "s.sqlite"),
                  "--pools", "3", "--chains", "1"])
-    assert code == 1
+    assert code == 2  # could not run, as spmchain loadtest says it
     assert "serves 2 pools (pool-0, pool-1); --pools asks for 3" in capsys.readouterr().err
 
 
@@ -153,8 +153,20 @@ def test_engine_says_when_nothing_answers_at_the_spm_address(
         port = sock.getsockname()[1]
     code = main(["engine", "--spm", f"stomp://127.0.0.1:{port}", "--store",
                  str(tmp_path / "s.sqlite"), "--connect-timeout", "0.3"])
-    assert code == 1
+    assert code == 2  # could not run, as spmchain loadtest says it
     assert f"the SPM at stomp://127.0.0.1:{port} does not answer" in capsys.readouterr().err
+
+
+def test_engine_exits_2_when_its_store_cannot_be_opened(
+    tmp_path: Path, spm: ServedSpm, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = tmp_path / "missing" / "s.sqlite"
+    code = main(["engine", "--spm", spm.url, "--store", str(store), "--pools", "1",
+                 "--chains", "1"])
+    assert code == 2  # could not run, as spmchain loadtest says it
+    err = capsys.readouterr().err
+    assert err.startswith("spmchain engine: recovery failed: ") and str(store) in err
+    assert err.count("\n") == 1
 
 
 def test_engine_says_which_option_when_the_metrics_address_cannot_be_served(
