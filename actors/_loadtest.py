@@ -20,6 +20,7 @@ import tempfile
 import threading
 import time
 import uuid
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
@@ -52,6 +53,19 @@ class LoadtestConfig:
     metrics_port: int | None = None
     metrics_addr: str = "127.0.0.1"
     options: dict[str, Any] = field(default_factory=dict)
+
+
+REACTION_PAIRS = 200_000
+"""About how many (task of step k, step k+1 fired) pairs are kept at most for the reaction
+latency: beyond, only the chains that :func:`reaction_sampled` picks are."""
+
+
+def reaction_sampled(chain_id: str, every: int) -> bool:
+    """Whether chain ``chain_id`` is one of the chains, one in ``every``, whose reaction
+    latency is sampled. Decided by a CRC-32 of the id, the same in every process (the ``hash``
+    of a str changes from one process to the next), so that runs with the same ``--seed``
+    sample the same chains."""
+    return zlib.crc32(chain_id.encode()) % every == 0
 
 
 def _uuid(rng: random.Random) -> str:
@@ -215,13 +229,14 @@ def run_loadtest(
 
     # Reaction latency: from step k's task ending on the SPM to step k+1 fired. The pairs
     # (task of step k, fired time of step k+1) are collected here; the end times come from
-    # the simulator's ledger at the end. At most ~200,000 pairs are kept (every n-th chain).
+    # the simulator's ledger at the end. At most ~REACTION_PAIRS pairs are kept (one chain in
+    # sample_every).
     pairs: list[tuple[str, float]] = []
-    sample_every = max(1, (cfg.chains * max(cfg.steps - 1, 1)) // 200_000)
+    sample_every = max(1, (cfg.chains * max(cfg.steps - 1, 1)) // REACTION_PAIRS)
 
     def on_end(result: ChainResult) -> None:
         steps = result.state.steps
-        if result.succeeded and hash(result.chain_id) % sample_every == 0:
+        if result.succeeded and reaction_sampled(result.chain_id, sample_every):
             for k in range(len(steps) - 1):
                 task_id, fired = steps[k].task_id, steps[k + 1].fired_at
                 if task_id is not None and fired is not None:

@@ -13,6 +13,8 @@ import platform
 import random
 import re
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -33,6 +35,7 @@ from actors._loadtest import (
     check_ledgers,
     pool_ids,
     reaction_latency,
+    reaction_sampled,
     run_loadtest,
     spm_utilization,
     summary_table,
@@ -40,6 +43,8 @@ from actors._loadtest import (
 from spm._errors import SpmError
 
 pytestmark = pytest.mark.timeout(60)
+
+REPO = Path(__file__).resolve().parent.parent
 
 PROGRESS_LINE = re.compile(
     r"^loadtest: (\d+)/(\d+) chains ended, [\d,]+ steps/s, (\d+) failed, \d+\.\ds$"
@@ -778,6 +783,32 @@ def test_check_ledgers_counts_duplicates_and_objects_of_failed_chains_only() -> 
     spms["c"] = SimpleNamespace()
     assert check_ledgers(spms, [specs[1]]) == {"duplicated_effects": None,
                                                "leftover_effects": None}
+
+
+def test_the_chains_sampled_for_reaction_latency_are_the_same_in_every_process() -> None:
+    ids = [f"lt-{i:07d}" for i in range(2000)]
+    here = [c for c in ids if reaction_sampled(c, 7)]
+    assert 2000 / 7 * 0.8 < len(here) < 2000 / 7 * 1.2  # about one in 7
+    program = ("from actors._loadtest import reaction_sampled\n"
+               "print(' '.join(f'lt-{i:07d}' for i in range(2000) "
+               "if reaction_sampled(f'lt-{i:07d}', 7)))")
+    for hash_seed in ("1", "2"):  # str hashes differ between these two processes
+        env = dict(os.environ, PYTHONHASHSEED=hash_seed)
+        child = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                               env=env, cwd=REPO, timeout=30, check=True)
+        assert child.stdout.split() == here, hash_seed
+
+
+def test_a_run_samples_the_reaction_latency_of_the_chains_reaction_sampled_picks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_loadtest, "REACTION_PAIRS", 40)  # 60 chains x 2 pairs: one in 3
+    cfg = LoadtestConfig(chains=60, steps=3, pools=2, store=None, seed=5)
+    report = run_loadtest(cfg, out=io.StringIO())
+    assert report["ended_successfully"] == 60
+    picked = [i for i in range(60) if reaction_sampled(f"lt-{i:07d}", 3)]
+    assert 0 < len(picked) < 60
+    assert report["reaction_latency_ms"]["samples"] == 2 * len(picked)
 
 
 def test_the_workload_builds_each_volume_on_the_previous_one_in_an_image_of_its_own() -> None:
