@@ -525,6 +525,9 @@ def test_metrics_shared_by_a_runtime_and_the_one_resuming_its_chains_count_them_
         for _ in range(3):
             first.submit(chain("A", step("create")))
         spm.wait_fired(3)
+        spm.wait_polls(3)  # the chains have recorded their tasks: they resume adopting them
+        assert all(s.steps[0].task_id is not None for s in first.chains())
+        first.flush()
     finally:
         first.stop()
     assert metrics.registry.get_sample_value("spmchain_chains_in_flight") == 0
