@@ -42,6 +42,7 @@ if str(REPO) not in sys.path:
 from actors._loadtest import chain_spec, pool_ids  # noqa: E402
 from actors._runtime import ChainHandle, Runtime, RuntimeOptions  # noqa: E402
 from actors._spec import ChainSpec  # noqa: E402
+from spm._client import TaskInfo  # noqa: E402
 from spm._simulator import SimulatedSpm  # noqa: E402
 
 JOURNAL = "fires.log"
@@ -87,10 +88,21 @@ class JournaledSpm(SimulatedSpm):
     same thread) leaves it in the file. A fire the SPM refused writes nothing.
     """
 
-    def __init__(self, pool: str, journal_fd: int, run: str, **kwargs: Any) -> None:
+    def __init__(self, pool: str, journal_fd: int, run: str, tells_params: bool = True,
+                 **kwargs: Any) -> None:
         super().__init__(pool, **kwargs)
         self._journal_fd = journal_fd
         self._run = run
+        self._tells_params = tells_params
+
+    def getAllTasksInfo(self) -> dict[str, TaskInfo]:  # noqa: N802
+        """As the simulator, or (``tells_params`` False) as VDSM: the verb only, no parameters
+        (a task fired but not recorded then cannot be proved a chain's: it is an orphan)."""
+        info = super().getAllTasksInfo()
+        if self._tells_params:
+            return info
+        return {tid: {"id": inf["id"], "verb": inf["verb"]}  # type: ignore[typeddict-item]
+                for tid, inf in info.items()}
 
     def fire(self, verb: str, params: Mapping[str, Any]) -> str:
         task_id = super().fire(verb, params)
@@ -116,6 +128,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--task-ms", type=float, default=0.0)
     parser.add_argument("--run", default="0")
     parser.add_argument("--timeout", type=float, default=60.0)
+    parser.add_argument("--vdsm-task-info", action="store_true",
+                        help="getAllTasksInfo without the parameters, as VDSM")
     args = parser.parse_args(argv)
 
     deadline = time.monotonic() + args.timeout
@@ -125,7 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                          os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     failure_rates = {"createVolume": args.fail_rate} if args.fail_rate else 0.0
     spms = {
-        pool: JournaledSpm(pool, journal_fd, args.run, state_dir=state_dir_of(args.state_dir, i),
+        pool: JournaledSpm(pool, journal_fd, args.run, tells_params=not args.vdsm_task_info,
+                           state_dir=state_dir_of(args.state_dir, i),
                            durations=args.task_ms / 1000.0, failure_rates=failure_rates,
                            seed=args.seed * 1000 + i)
         for i, pool in enumerate(pools)
