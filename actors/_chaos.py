@@ -50,7 +50,14 @@ from types import FrameType
 from typing import IO, Any, TextIO
 
 from actors._chain import ENDED_SUCCESSFULLY, ENDED_WITH_FAILURE, step_fields
-from actors._cli import _count, _positive_float, _positive_int, _rate, report_path_problem
+from actors._cli import (
+    _count,
+    _positive_float,
+    _positive_int,
+    _rate,
+    report_path_problem,
+    write_json,
+)
 from actors._engine import workload
 from actors._snapshot import SnapshotError, decode_snapshot
 from actors._spec import ChainSpec
@@ -883,21 +890,6 @@ def summary_table(report: dict[str, Any]) -> str:
     if report.get("workdir"):
         lines.append(f"  logs, store and SPM state kept in {report['workdir']}")
     return "\n".join(lines)
-
-
-def write_json(report: dict[str, Any], path: str) -> None:
-    """Write ``report`` to ``path`` (through ``path.tmp``, replaced at once). Raises OSError
-    when it cannot be written; nothing is left behind then."""
-    tmp = f"{path}.tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2, sort_keys=True, default=str)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import math
 import os
@@ -73,6 +74,21 @@ def parse_duration_ms(text: str) -> Any:
     if kind == "uniform" and nums[0] > nums[1]:
         raise argparse.ArgumentTypeError(f"--task-ms {text!r}: LO is above HI")
     return (kind, *[n / 1000.0 for n in nums])
+
+
+def write_json(report: dict[str, Any], path: str) -> None:
+    """Write ``report`` to ``path`` (through ``path.tmp``, replaced at once). Raises OSError
+    when it cannot be written; nothing is left behind then."""
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2, sort_keys=True, default=str)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def report_path_problem(path: str) -> str | None:
@@ -203,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _loadtest(args: argparse.Namespace) -> int:
-    from actors._loadtest import LoadtestConfig, run_loadtest, summary_table, write_json
+    from actors._loadtest import LoadtestConfig, run_loadtest, summary_table
     from actors._store import StoreError
     from spm._errors import SpmError
 

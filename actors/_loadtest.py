@@ -9,8 +9,6 @@ applied twice (``duplicated_effects``) and objects left behind by chains that en
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import platform
 import random
@@ -498,21 +496,6 @@ def _ledger_view(client: SpmClient) -> tuple[int, list[tuple[str, str]]] | None:
     if not (callable(objects) and callable(duplicated)):
         return None
     return int(duplicated()), [(o.sd_uuid, o.img_uuid) for o in objects()]
-
-
-def write_json(report: dict[str, Any], path: str) -> None:
-    """Write ``report`` to ``path`` (through ``path.tmp``, replaced at once). Raises OSError
-    when it cannot be written; nothing is left behind then."""
-    tmp = f"{path}.tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _fmt_reaction(r: Mapping[str, Any] | None) -> str:

@@ -280,12 +280,7 @@ class PooledActor(pykka.Actor):
                 # Unlike pykka, a failure here is reported like one in a message (on_failure:
                 # supervised), not only logged: a chain whose actor died starting must be
                 # rebuilt or escalated, not left live with no actor.
-                exc_info = sys.exc_info()
-                self._handle_failure(*exc_info)
-                try:
-                    self.on_failure(*exc_info)
-                except Exception:
-                    self._handle_failure(*sys.exc_info())
+                self._failed()
             return
         try:
             response = self._handle_receive(message)
@@ -296,17 +291,21 @@ class PooledActor(pykka.Actor):
                 logger.info("Exception returned from %s to caller:", self, exc_info=True)
                 envelope.reply_to.set_exception()
             else:
-                exc_info = sys.exc_info()
-                self._handle_failure(*exc_info)
-                try:
-                    self.on_failure(*exc_info)
-                except Exception:
-                    self._handle_failure(*sys.exc_info())
+                self._failed()
         except BaseException:
             # KeyboardInterrupt / SystemExit inside a handler: stop this actor and answer its
             # pending asks with ActorDeadError (the turn's teardown), as pykka does.
             logger.debug("%r in %s, stopping it", sys.exc_info()[1], self)
             self._stop()
+
+    def _failed(self) -> None:
+        """The exception being handled stops this actor: logged, then ``on_failure``."""
+        exc_info = sys.exc_info()
+        self._handle_failure(*exc_info)
+        try:
+            self.on_failure(*exc_info)
+        except Exception:
+            self._handle_failure(*sys.exc_info())
 
     def _stop(self) -> None:
         self._dead = True

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import random
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Generator, Iterator, Mapping
 from typing import Any
@@ -147,6 +148,20 @@ class EndLog:
     def counts(self) -> Counter[str]:
         with self._cond:
             return Counter(r.chain_id for r in self.results)
+
+
+def wait_until(pred: Callable[[], object], what: str, timeout: float = WAIT) -> None:
+    """Check ``pred`` every 10 ms until it holds; AssertionError naming ``what`` after timeout.
+
+    For conditions on the runtime's recorded state or an SPM's task list, which signal nothing
+    when they change.
+    """
+    deadline = time.monotonic() + timeout
+    pause = threading.Event()
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        pause.wait(0.01)
 
 
 def step(verb: str, revert: str | None = None, **kw: Any) -> StepSpec:

@@ -8,15 +8,14 @@ import random
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import FAST, WAIT
+from conftest import FAST, WAIT, wait_until
 
 from actors._chain import ChainState
 from actors._cli import main as cli_main
@@ -46,19 +45,6 @@ def inspect_json(*args: str | Path) -> dict[str, Any]:
     assert done.returncode == 0, done.stderr
     report: dict[str, Any] = json.loads(done.stdout)
     return report
-
-
-def wait_until(pred: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
-    """Check ``pred`` every 10 ms until it holds; AssertionError naming ``what`` after timeout.
-
-    For conditions on the runtime's recorded state, which signals nothing when it changes.
-    """
-    deadline = time.monotonic() + timeout
-    pause = threading.Event()
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        pause.wait(0.01)
 
 
 def file_digest(path: Path) -> str:

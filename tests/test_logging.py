@@ -7,15 +7,13 @@ from __future__ import annotations
 import ast
 import logging
 import random
-import threading
-import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import FAST, WAIT, EndLog
+from conftest import FAST, WAIT, EndLog, wait_until
 
 from actors._chain import ChainState
 from actors._faults import InjectedFault
@@ -165,15 +163,6 @@ class _EndStepRaises(Command):
 
     def end_step(self, result: StepResult) -> None:
         raise RuntimeError("end_step refused by the test")
-
-
-def wait_until(pred: Callable[[], object], what: str, timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    pause = threading.Event()
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        pause.wait(0.01)
 
 
 def test_records_about_a_failing_chain_carry_chain_id_pool_and_task_id(

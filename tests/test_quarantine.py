@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from _engine_proc import ENGINE_OPTIONS, chain_specs
-from conftest import FAST, ScriptedSpm, chain, step
+from conftest import FAST, ScriptedSpm, chain, step, wait_until
 
 from actors._chain import ENDED_SUCCESSFULLY, TaskEnded
 from actors._command import CommandActor
@@ -35,15 +34,6 @@ from spm._simulator import SimulatedSpm
 WAIT = 15.0
 CHAINS = 8
 STEPS = 3
-
-
-def _wait_for(what: str, pred: Callable[[], bool], timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    pause = threading.Event()
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        pause.wait(0.01)
 
 
 def _metric(rt: Runtime, name: str) -> float:
@@ -86,7 +76,7 @@ def live_store(tmp_path: Path, seed: int) -> Iterator[tuple[Path, SimulatedSpm, 
             return len(states) == CHAINS and all(
                 s.steps and s.steps[0].task_id is not None for s in states)
 
-        _wait_for("every chain to record its first task id", first_task_recorded)
+        wait_until(first_task_recorded, "every chain to record its first task id", WAIT)
         rt.flush()
     finally:
         rt.stop()
@@ -134,8 +124,8 @@ def test_corrupt_truncated_and_unknown_version_snapshots_are_quarantined_and_the
         counts = rt.store.counts()
         assert (counts.live, counts.ended, counts.quarantined) == (0, CHAINS - 3, 3)
         # The quarantined chains' tasks are owned by no chain: discarded as orphans.
-        _wait_for("every task to be cleared from the SPM",
-                  lambda: not spm.getAllTasksStatuses())
+        wait_until(lambda: not spm.getAllTasksStatuses(),
+                   "every task to be cleared from the SPM", WAIT)
     finally:
         rt.stop()
 
@@ -204,7 +194,8 @@ def test_orphans_that_end_before_the_pools_spm_task_actor_is_registered_are_stil
         for handle in rt.recovered:
             result = handle.result(WAIT)
             assert result.outcome == ENDED_SUCCESSFULLY, (handle.chain_id, result.reason)
-        _wait_for("every task to be cleared from the SPM", lambda: not spm.getAllTasksStatuses())
+        wait_until(lambda: not spm.getAllTasksStatuses(), "every task to be cleared from the SPM",
+                   WAIT)
     finally:
         rt.stop()
     for spec in specs:

@@ -8,12 +8,9 @@ undoing its chain's work).
 
 from __future__ import annotations
 
-import threading
-import time
-from collections.abc import Callable
-
 import pytest
 from _engine_proc import ENGINE_OPTIONS, chain_specs
+from conftest import wait_until
 
 from actors._chain import ENDED_SUCCESSFULLY
 from actors._loadtest import pool_ids
@@ -23,15 +20,6 @@ from spm._simulator import SimulatedSpm
 pytestmark = pytest.mark.timeout(60)
 
 WAIT = 15.0
-
-
-def _wait_for(what: str, pred: Callable[[], bool], timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    pause = threading.Event()
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        pause.wait(0.01)
 
 
 class _LosingTheRoleAtAClear(SimulatedSpm):
@@ -60,7 +48,7 @@ def test_a_task_whose_clear_met_a_lost_spm_role_is_cleared_when_listed_again(see
         handles = [rt.submit(spec) for spec in specs]
         for handle in handles:
             assert handle.result(WAIT).outcome == ENDED_SUCCESSFULLY
-        _wait_for("every task cleared", lambda: not spm.getAllTasksStatuses())
+        wait_until(lambda: not spm.getAllTasksStatuses(), "every task cleared", WAIT)
         assert spm.lost
     finally:
         rt.stop()
